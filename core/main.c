@@ -1,0 +1,250 @@
+/* main.c: the rbe executable.  Creates the Lua state and the libuv loop,
+ * preloads the C modules, points package.path at rbe's own Lua library
+ * (found from the executable's path, or RBE_PATH), runs the CLI
+ * (lua/rbe/cli.lua) as the main task and turns its outcome into the exit
+ * code: 0 done, 1 failed, 2 usage error, 130 interrupted. */
+#include "aux.h"
+#include "task.h"
+
+#include <lualib.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int luaopen_cjson(lua_State *L);
+int luaopen_rbe_timer(lua_State *L);
+int luaopen_rbe_proc(lua_State *L);
+int luaopen_rbe_fs(lua_State *L);
+void rbe_proc_kill_all(int sig);
+void rbe_versions_push(lua_State *L);
+
+#ifndef RBE_VERSION
+#define RBE_VERSION "0.1.0"
+#endif
+#ifndef RBE_SOURCE_DIR
+#define RBE_SOURCE_DIR ""
+#endif
+
+static volatile sig_atomic_t nsignals;
+static int got_signal;
+static uv_async_t sig_async;
+
+static void on_signal(int sig) {
+  if (++nsignals >= 2) {
+    /* second Ctrl-C: leave now, taking the children with us */
+    rbe_proc_kill_all(SIGKILL);
+    _exit(130);
+  }
+  got_signal = sig;
+  uv_async_send(&sig_async);
+  rbe_sched_interrupt_running();
+}
+
+static void sig_async_cb(uv_async_t *h) {
+  (void)h;
+  rbe_sched_cancel_all(got_signal == SIGTERM ? "terminated (SIGTERM)"
+                                             : "interrupted (Ctrl-C)");
+}
+
+static void install_signals(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  signal(SIGPIPE, SIG_IGN);
+}
+
+static int file_exists(const char *p) { return access(p, R_OK) == 0; }
+
+/* Find the directory holding lua/rbe/init.lua: $RBE_PATH, then
+ * <exe>/../share/rbe (installed and build tree), then the source tree. */
+static void push_root(lua_State *L) {
+  const char *env = getenv("RBE_PATH");
+  if (env && *env) { lua_pushstring(L, env); return; }
+  char exe[4096];
+  size_t n = sizeof exe;
+  if (uv_exepath(exe, &n) == 0) {
+    char *slash = strrchr(exe, '/');
+    if (slash) {
+      *slash = 0;
+      char probe[4200];
+      snprintf(probe, sizeof probe, "%s/../share/rbe/lua/rbe/init.lua", exe);
+      if (file_exists(probe)) {
+        lua_pushfstring(L, "%s/../share/rbe", exe);
+        return;
+      }
+      snprintf(probe, sizeof probe, "%s/../lua/rbe/init.lua", exe);
+      if (file_exists(probe)) {
+        lua_pushfstring(L, "%s/..", exe);
+        return;
+      }
+    }
+  }
+  lua_pushstring(L, RBE_SOURCE_DIR);
+}
+
+static void setup_paths(lua_State *L) {
+  const char *use_env = getenv("RBE_USE_LUA_PATH");
+  int keep = use_env && *use_env && strcmp(use_env, "0") != 0;
+  lua_getglobal(L, "package");
+  push_root(L);
+  const char *root = lua_tostring(L, -1);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, "rbe_root");
+  const char *lp = keep && getenv("LUA_PATH_5_4") ? getenv("LUA_PATH_5_4")
+                 : keep && getenv("LUA_PATH") ? getenv("LUA_PATH")
+                 : LUA_PATH_DEFAULT;
+  const char *lc = keep && getenv("LUA_CPATH_5_4") ? getenv("LUA_CPATH_5_4")
+                 : keep && getenv("LUA_CPATH") ? getenv("LUA_CPATH")
+                 : LUA_CPATH_DEFAULT;
+  lua_pushfstring(L, "%s/lua/?.lua;%s/lua/?/init.lua;%s/modules/?.lua;%s",
+                  root, root, root, lp);
+  lua_setfield(L, -3, "path");
+  lua_pushstring(L, lc);
+  lua_setfield(L, -3, "cpath");
+  lua_pop(L, 2);
+}
+
+static void preload(lua_State *L, const char *name, lua_CFunction f) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  lua_pushcfunction(L, f);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 1);
+}
+
+static int l_versions(lua_State *L) {
+  rbe_versions_push(L);
+  return 1;
+}
+
+static int msgh(lua_State *L) {
+  luaL_traceback(L, L, luaL_tolstring(L, 1, NULL), 1);
+  return 1;
+}
+
+/* Print a failed main task's error: message, then its traceback. */
+static void report_error(lua_State *L) {
+  /* stack: err */
+  if (rbe_is_error(L, -1)) {
+    lua_getfield(L, -1, "kind");
+    lua_getfield(L, -2, "message");
+    const char *kind = lua_tostring(L, -2);
+    const char *msg = luaL_tolstring(L, -1, NULL);
+    if (kind && strcmp(kind, "lua") == 0) fprintf(stderr, "rbe: %s\n", msg);
+    else {
+      lua_pushvalue(L, -4);
+      lua_pushnil(L);
+      lua_setfield(L, -2, "traceback");   /* printed below, not twice */
+      fprintf(stderr, "rbe: %s\n", luaL_tolstring(L, -1, NULL));
+      lua_pop(L, 2);
+    }
+    lua_pop(L, 3);
+    lua_getfield(L, -1, "traceback");
+    if (lua_isstring(L, -1) && (!kind || strcmp(kind, "cancelled") != 0))
+      fprintf(stderr, "%s\n", lua_tostring(L, -1));
+    lua_pop(L, 1);
+  } else {
+    fprintf(stderr, "rbe: %s\n", luaL_tolstring(L, -1, NULL));
+    lua_pop(L, 1);
+  }
+}
+
+static void walk_close_cb(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+int main(int argc, char **argv) {
+  uv_loop_t *loop = uv_default_loop();
+  lua_State *L = luaL_newstate();
+  if (!L) { fprintf(stderr, "rbe: cannot create Lua state\n"); return 2; }
+  luaL_openlibs(L);
+  preload(L, "cjson", luaopen_cjson);
+  preload(L, "rbe.core", luaopen_rbe_core);
+  preload(L, "rbe.aux", luaopen_rbe_aux);
+  preload(L, "rbe.timer", luaopen_rbe_timer);
+  preload(L, "rbe.proc.core", luaopen_rbe_proc);
+  preload(L, "rbe.fs.core", luaopen_rbe_fs);
+  setup_paths(L);
+  rbe_sched_init(L, loop);
+  uv_async_init(loop, &sig_async, sig_async_cb);
+  uv_unref((uv_handle_t *)&sig_async);
+  install_signals();
+
+  /* os.exit inside a task unwinds every task first */
+  lua_getglobal(L, "os");
+  luaL_requiref(L, "rbe.core", luaopen_rbe_core, 0);
+  lua_getfield(L, -1, "_exit");
+  lua_setfield(L, -3, "exit");
+  lua_pushcfunction(L, l_versions);
+  lua_setfield(L, -2, "versions");
+  lua_pushliteral(L, RBE_VERSION);
+  lua_setfield(L, -2, "version");
+  lua_pop(L, 2);
+
+  /* stack: msgh, require, "rbe.cli" */
+  lua_pushcfunction(L, msgh);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "rbe.cli");
+  if (lua_pcall(L, 1, 1, 1) != LUA_OK) {
+    fprintf(stderr, "rbe: cannot load rbe's Lua library (package.rbe_root "
+            "or RBE_PATH): %s\n", lua_tostring(L, -1));
+    return 2;
+  }
+  lua_getfield(L, -1, "main");
+  lua_createtable(L, argc, 0);
+  for (int i = 0; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i);
+  }
+  rbe_task *main_task = rbe_task_spawn(L, 1);
+  int main_ref = rbe_ref(L);
+  lua_settop(L, 0);
+
+  int stuck = rbe_sched_run();
+  int code;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, main_ref);
+  int outcome = rbe_task_outcome(L, -1, main_task);
+  if (outcome) lua_remove(L, -2); else lua_pop(L, 1);
+  if (outcome == 0) {
+    lua_pushcfunction(L, msgh);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, main_ref);
+    lua_getfield(L, -1, "result");
+    lua_insert(L, -2);
+    code = 0;
+    if (lua_pcall(L, 1, 1, -3) == LUA_OK && lua_isinteger(L, -1))
+      code = (int)lua_tointeger(L, -1);
+    lua_settop(L, 0);
+  } else {
+    /* stack: err */
+    int exit_req = rbe_sched_exit_code();
+    if (exit_req >= 0) code = exit_req;
+    else if (nsignals) code = 130;
+    else {
+      report_error(L);
+      code = 1;
+    }
+    if (nsignals && exit_req < 0)
+      fprintf(stderr, "rbe: %s\n", got_signal == SIGTERM ? "terminated"
+                                                         : "interrupted");
+    lua_settop(L, 0);
+  }
+  if (rbe_sched_exit_code() >= 0) code = rbe_sched_exit_code();
+  else if (nsignals) code = 130;
+  if (stuck) code = code ? code : 1;
+  rbe_unref(L, &main_ref);
+  fflush(stdout);
+
+  /* finalizers close what is still open (children are killed) */
+  lua_close(L);
+  rbe_sched_close();
+  uv_close((uv_handle_t *)&sig_async, NULL);
+  uv_walk(loop, walk_close_cb, NULL);
+  uv_run(loop, UV_RUN_DEFAULT);
+  uv_loop_close(loop);
+  return code;
+}

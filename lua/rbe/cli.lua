@@ -1,0 +1,90 @@
+-- rbe.cli: the command line.  main(argv) runs as the main task and returns
+-- the process exit code: 0 done, 1 failed, 2 usage or playbook error.
+local rbe = require "rbe"
+_G.rbe = rbe
+
+local M = {}
+
+local USAGE = [[
+usage: rbe <command> [args]
+       rbe FILE [args...]        run a Lua script as the main task
+
+commands:
+  run FILE [args...]   run a playbook (for now: a Lua script, as a task)
+  version              print rbe's version and those of its libraries
+  help [COMMAND]       show this help, or a command's
+
+Exit codes: 0 done, 1 failed, 2 usage or playbook error, 130 interrupted.
+Environment: RBE_PATH (rbe's Lua library root), RBE_USE_LUA_PATH=1 (honour
+LUA_PATH/LUA_CPATH, ignored by default), RBE_LOG (debug|info|warn|error).
+]]
+
+local HELP = {
+  run = [[
+usage: rbe run FILE [args...]
+Runs FILE as the main task (a playbook runner replaces this).  Inside it
+`rbe`, `require "rbe.proc"`, `require "rbe.fs"` and friends are available;
+`arg` holds the arguments as in lua(1).  A syntax error exits 2, a runtime
+error 1, Ctrl-C 130.
+]],
+  version = "usage: rbe version\nPrints the versions of rbe, Lua and every linked library.\n",
+  help = "usage: rbe help [COMMAND]\n",
+}
+
+local function usage_error(msg)
+  io.stderr:write("rbe: ", msg, "\n", "Run 'rbe --help' for usage.\n")
+  return 2
+end
+
+local function set_arg(argv, script_index)
+  local a = {}
+  for i = 0, #argv do a[i - script_index] = argv[i] end
+  _G.arg = a
+  return table.unpack(a, 1, #argv - script_index)
+end
+
+local function run_script(argv, script_index, load_error_code)
+  local path = argv[script_index]
+  if not path then return usage_error("missing FILE") end
+  local chunk, err = loadfile(path ~= "-" and path or nil)
+  if not chunk then
+    io.stderr:write("rbe: ", err, "\n")
+    return load_error_code
+  end
+  chunk(set_arg(argv, script_index))
+  return 0
+end
+
+local function version()
+  local v = rbe.versions()
+  local names = {}
+  for k in pairs(v) do if k ~= "rbe" then names[#names + 1] = k end end
+  table.sort(names)
+  io.write("rbe ", v.rbe, "\n")
+  for _, k in ipairs(names) do io.write(("  %-10s %s\n"):format(k, v[k])) end
+  return 0
+end
+
+function M.main(argv)
+  local cmd = argv[1]
+  if cmd == nil then io.stderr:write(USAGE) return 2 end
+  if cmd == "-h" or cmd == "--help" then io.write(USAGE) return 0 end
+  if cmd == "help" then
+    local topic = argv[2]
+    if not topic then io.write(USAGE) return 0 end
+    if not HELP[topic] then return usage_error("no such command: " .. topic) end
+    io.write(HELP[topic])
+    return 0
+  end
+  if cmd == "version" or cmd == "--version" or cmd == "-v" then return version() end
+  if cmd == "run" then
+    if argv[2] == "-h" or argv[2] == "--help" then io.write(HELP.run) return 0 end
+    return run_script(argv, 2, 2)
+  end
+  if cmd:sub(1, 1) == "-" and cmd ~= "-" then
+    return usage_error("unknown option " .. cmd)
+  end
+  return run_script(argv, 1, 1)
+end
+
+return M

@@ -1,0 +1,28 @@
+#!/bin/sh
+# Install the Debian 12 packages rbe needs to build, test and run its demo.
+# Idempotent and non-interactive: does nothing when all are present.
+set -eu
+PKGS="build-essential cmake pkg-config
+liblua5.4-dev lua5.4 lua-cjson-dev lua-busted
+libuv1-dev
+postgresql redis-server redis-tools procps"
+
+missing=""
+for p in $PKGS; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing="$missing $p"
+  fi
+done
+[ -z "$missing" ] && exit 0
+
+echo "rbe deps: installing$missing"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "rbe deps: need root (or sudo) to install:$missing" >&2; exit 1
+  fi
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -q --no-install-recommends $missing
