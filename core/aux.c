@@ -48,11 +48,6 @@ static int error_tostring(lua_State *L) {
     luaL_addvalue(&b);
     luaL_addstring(&b, ")");
   } else lua_pop(L, 1);
-  lua_getfield(L, 1, "traceback");
-  if (lua_type(L, -1) == LUA_TSTRING) {
-    luaL_addstring(&b, "\n");
-    luaL_addvalue(&b);
-  } else lua_pop(L, 1);
   luaL_pushresult(&b);
   return 1;
 }

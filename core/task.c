@@ -118,7 +118,7 @@ static void push_task(lua_State *L, rbe_task *t) {
 
 /* ---- waits ---- */
 
-rbe_wait *rbe_wait_new(lua_State *L, const char *what) {
+static rbe_wait *wait_new(lua_State *L, const char *what, int shielded) {
   rbe_task *t = S.current;
   if (!t)
     luaL_error(L, "%s must run inside a task (run the file with rbe, or "
@@ -129,12 +129,12 @@ rbe_wait *rbe_wait_new(lua_State *L, const char *what) {
                "__gc/__tostring, or a non-rbe C function)", what);
   if (t->wait.state != W_IDLE)
     luaL_error(L, "%s: task is already waiting (internal error)", what);
-  if (t->cancel_requested) {
+  if (t->cancel_requested && !shielded) {
     rbe_error_push(L, "cancelled", 0, "%s: %s", what,
                    t->cancel_reason ? t->cancel_reason : "task cancelled");
     lua_error(L);
   }
-  for (scope *s = t->scopes; s; s = s->prev)
+  for (scope *s = t->scopes; s && !shielded; s = s->prev)
     if (s->expired) {
       rbe_error_push(L, "timeout", 1, "%s: timed out after %fs", what,
                      s->secs);
@@ -144,6 +144,10 @@ rbe_wait *rbe_wait_new(lua_State *L, const char *what) {
   t->wait.task = t;
   t->wait.what = what;
   return &t->wait;
+}
+
+rbe_wait *rbe_wait_new(lua_State *L, const char *what) {
+  return wait_new(L, what, 0);
 }
 
 static int wait_k(lua_State *L, int status, lua_KContext ctx) {
@@ -327,8 +331,8 @@ static void wake_joiners(rbe_task *t) {
 /* Suspend the current task until one of the n tasks at stack index idx
  * (a single task or an array of tasks) finishes.  [yields] */
 static int wait_tasks(lua_State *L, rbe_task **targets, int n,
-                      const char *what, lua_KFunction k) {
-  rbe_wait *w = rbe_wait_new(L, what);
+                      const char *what, lua_KFunction k, int shielded) {
+  rbe_wait *w = wait_new(L, what, shielded);
   joinwait *jw = malloc(sizeof *jw + (size_t)n * sizeof(joinnode));
   if (!jw) return luaL_error(L, "out of memory");
   jw->waiter = S.current;
@@ -381,13 +385,16 @@ static int task_join(lua_State *L) {
     return luaL_error(L, "task:join: a task cannot join itself");
   if (t->state >= T_DONE) return task_results(L, t);
   rbe_task *targets[1] = {t};
-  return wait_tasks(L, targets, 1, "task:join", join_k);
+  return wait_tasks(L, targets, 1, "task:join", join_k, 0);
 }
 
-/* rbe.wait_any(tasks) -> index of the first task in the array to finish
- * (at once if one already has)  [yields] */
+/* rbe.wait_any(tasks[, shielded]) -> index of the first task in the array
+ * to finish (at once if one already has)  [yields]
+ * shielded: wait even though this task is already cancelled or timed out
+ * (used to let cancelled children unwind before re-raising). */
 static int l_wait_any(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
+  int shielded = lua_toboolean(L, 2);
   lua_settop(L, 1);
   int n = (int)luaL_len(L, 1);
   if (n == 0) return luaL_error(L, "rbe.wait_any: empty list of tasks");
@@ -405,7 +412,7 @@ static int l_wait_any(lua_State *L) {
     targets[i - 1] = t;
   }
   /* targets live in the table at index 1, anchored by this frame */
-  return wait_tasks(L, targets, n, "rbe.wait_any", NULL);
+  return wait_tasks(L, targets, n, "rbe.wait_any", NULL, shielded);
 }
 
 /* task:cancel([reason]) -> nothing.  A waiting task is woken with a

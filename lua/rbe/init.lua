@@ -125,7 +125,7 @@ local function cancel_and_settle(tasks)
       if not t:done() then live[#live + 1] = t end
     end
     if #live == 0 then return end
-    if not pcall(core.wait_any, live) then return end
+    if not pcall(core.wait_any, live, true) then return end
   end
 end
 
