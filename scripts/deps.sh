@@ -5,7 +5,7 @@ set -eu
 PKGS="build-essential cmake pkg-config
 liblua5.4-dev lua5.4 lua-cjson-dev lua-busted
 libuv1-dev
-postgresql redis-server redis-tools procps"
+postgresql redis-server redis-tools procps git"
 
 missing=""
 for p in $PKGS; do
