@@ -44,6 +44,7 @@ typedef struct scope {
   uv_timer_t *timer;
   double secs;
   int expired;
+  int depth;         /* the task's shield depth when the scope began */
 } scope;
 
 typedef struct joinwait joinwait;
@@ -67,6 +68,7 @@ struct rbe_task {
   int started;
   int queued;            /* on the run queue */
   int cancel_requested;
+  int shield;            /* rbe.shield nesting: cancellation held off */
   const char *cancel_reason;
   int inject;            /* error to deliver at the next resume */
   scope *inject_scope;
@@ -129,13 +131,13 @@ static rbe_wait *wait_new(lua_State *L, const char *what, int shielded) {
                "__gc/__tostring, or a non-rbe C function)", what);
   if (t->wait.state != W_IDLE)
     luaL_error(L, "%s: task is already waiting (internal error)", what);
-  if (t->cancel_requested && !shielded) {
+  if (t->cancel_requested && !shielded && !t->shield) {
     rbe_error_push(L, "cancelled", 0, "%s: %s", what,
                    t->cancel_reason ? t->cancel_reason : "task cancelled");
     lua_error(L);
   }
   for (scope *s = t->scopes; s && !shielded; s = s->prev)
-    if (s->expired) {
+    if (s->expired && s->depth >= t->shield) {
       rbe_error_push(L, "timeout", 1, "%s: timed out after %fs", what,
                      s->secs);
       rbe_error_code_str(L, "ETIMEDOUT");
@@ -242,7 +244,8 @@ static void scope_timer_cb(uv_timer_t *timer) {
   scope *s = timer->data;
   s->expired = 1;
   rbe_task *t = s->task;
-  if (t->wait.state == W_PENDING) interrupt_task(t, INJ_TIMEOUT, s);
+  if (t->wait.state == W_PENDING && s->depth >= t->shield)
+    interrupt_task(t, INJ_TIMEOUT, s);
 }
 
 static void scope_unlink(rbe_task *t, scope *s) {
@@ -282,12 +285,36 @@ static int l_timeout(lua_State *L) {
   s->task = t;
   s->timer = timer;
   s->secs = secs;
+  s->depth = t->shield;
   s->prev = t->scopes;
   t->scopes = s;
   uv_timer_start(timer, scope_timer_cb, rbe_duration_ms(secs), 0);
   int status = lua_pcallk(L, lua_gettop(L) - 2, LUA_MULTRET, 0,
                           (lua_KContext)s, timeout_k);
   return timeout_k(L, status, (lua_KContext)s);
+}
+
+/* ---- shields ---- */
+
+static int shield_k(lua_State *L, int status, lua_KContext ctx) {
+  rbe_task *t = (rbe_task *)ctx;
+  t->shield--;
+  if (status != LUA_OK && status != LUA_YIELD) return lua_error(L);
+  return lua_gettop(L);
+}
+
+/* rbe.shield(fn, ...) -> fn's results  [yields]
+ * Runs fn with cancellation (task:cancel, Ctrl-C, enclosing rbe.timeout)
+ * held off, so cleanup and undo code can wait; timeouts created inside fn
+ * still apply.  A pending cancellation takes effect after fn returns. */
+static int l_shield(lua_State *L) {
+  luaL_checkany(L, 1);
+  rbe_task *t = S.current;
+  if (!t) return luaL_error(L, "rbe.shield must run inside a task");
+  t->shield++;
+  int status = lua_pcallk(L, lua_gettop(L) - 1, LUA_MULTRET, 0,
+                          (lua_KContext)t, shield_k);
+  return shield_k(L, status, (lua_KContext)t);
 }
 
 /* ---- joining ---- */
@@ -421,7 +448,7 @@ static void task_cancel_c(rbe_task *t, const char *reason) {
   if (t->state >= T_DONE || t->cancel_requested) return;
   t->cancel_requested = 1;
   t->cancel_reason = reason;
-  if (t->state == T_RUNNING) return;   /* sees it at its next wait */
+  if (t->state == T_RUNNING || t->shield) return; /* sees it later */
   if (!t->started) { t->inject = INJ_CANCEL; enqueue(t); return; }
   interrupt_task(t, INJ_CANCEL, NULL);
 }
@@ -508,8 +535,53 @@ static void alive_unlink(rbe_task *t) {
   t->prev_alive = t->next_alive = NULL;
 }
 
+/* Message handler of a task's body: turn what was raised into an error
+ * object carrying the traceback of the point where it was raised. */
+static int task_msgh(lua_State *L) {
+  if (rbe_is_error(L, 1)) {
+    lua_getfield(L, 1, "traceback");
+    int has = !lua_isnil(L, -1);
+    lua_pop(L, 1);
+    if (!has) {
+      luaL_traceback(L, L, NULL, 1);
+      lua_setfield(L, 1, "traceback");
+    }
+  } else if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER ||
+             lua_isnil(L, 1)) {
+    rbe_error_push(L, "lua", 0, "%s", lua_isnil(L, 1) ? "error (nil)"
+                                                      : lua_tostring(L, 1));
+    luaL_traceback(L, L, NULL, 1);
+    lua_setfield(L, -2, "traceback");
+    return 1;
+  }
+  lua_settop(L, 1);
+  return 1;
+}
+
+/* The body of every task: true, fn(...) or false, err.  The pcall runs
+ * inside the task's coroutine, so to-be-closed variables and handlers run
+ * while the task is still current (they may even wait). */
+static int task_body_k(lua_State *L, int status, lua_KContext ctx) {
+  (void)ctx;
+  /* stack: msgh, results... | msgh, err */
+  lua_pushboolean(L, status == LUA_OK || status == LUA_YIELD);
+  lua_replace(L, 1);
+  return lua_gettop(L);
+}
+
+static int task_body(lua_State *L) {
+  int nargs = lua_gettop(L) - 1;
+  lua_pushcfunction(L, task_msgh);
+  lua_insert(L, 1);
+  int status = lua_pcallk(L, nargs, LUA_MULTRET, 1, 0, task_body_k);
+  return task_body_k(L, status, 0);
+}
+
 rbe_task *rbe_task_spawn(lua_State *L, int nargs) {
   /* stack: fn, args */
+  lua_pushcfunction(L, task_body);
+  lua_insert(L, -(nargs + 2));
+  nargs++;
   rbe_task *t = lua_newuserdatauv(L, sizeof *t, 2);
   memset(t, 0, sizeof *t);
   t->self_ref = LUA_NOREF;
@@ -578,9 +650,13 @@ static void finish_error(lua_State *co, rbe_task *t) {
   }
 }
 
-static void finish(rbe_task *t, int status) {
-  if (status == LUA_OK) {
+static void finish(rbe_task *t, int status, int nres) {
+  if (status == LUA_OK && lua_toboolean(t->co, -nres)) {
+    t->nres = nres - 1;
     t->state = T_DONE;
+  } else if (status == LUA_OK) {
+    finish_error(t->co, t);
+    t->state = t->cancel_requested ? T_CANCELLED : T_FAILED;
   } else {
     finish_error(t->co, t);
     t->state = t->cancel_requested ? T_CANCELLED : T_FAILED;
@@ -622,7 +698,7 @@ static void run_task(rbe_task *t) {
       lua_settop(co, 0);
       rbe_error_push(co, "cancelled", 0, "%s",
                      t->cancel_reason ? t->cancel_reason : "task cancelled");
-      finish(t, LUA_ERRRUN);
+      finish(t, LUA_ERRRUN, 1);
       return;
     }
     nargs = lua_gettop(co) - 1;
@@ -657,8 +733,7 @@ static void run_task(rbe_task *t) {
     }
     return;
   }
-  if (status == LUA_OK) t->nres = nres;
-  finish(t, status);
+  finish(t, status, nres);
 }
 
 static void idle_cb(uv_idle_t *h) {
@@ -780,6 +855,7 @@ static const luaL_Reg task_methods[] = {
 static const luaL_Reg core_funcs[] = {
   {"spawn", l_spawn},
   {"timeout", l_timeout},
+  {"shield", l_shield},
   {"wait_any", l_wait_any},
   {"current", l_current},
   {"_cancel_current_wait", l_cancel_current_wait},

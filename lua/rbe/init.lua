@@ -20,6 +20,7 @@ local M = {}
 
 M.spawn = core.spawn
 M.timeout = core.timeout
+M.shield = core.shield
 M.wait_any = core.wait_any
 M.current = core.current
 M.sleep = timer.sleep

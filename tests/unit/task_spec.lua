@@ -423,3 +423,53 @@ describe("#core values", function()
     assert.are.same({ a = { 1, 2 } }, cjson.decode(cjson.encode({ a = { 1, 2 } })))
   end)
 end)
+
+describe("#core rbe.shield", function()
+  it("lets cleanup wait in a cancelled task, then the cancellation stands", function()
+    local log = {}
+    local t = rbe.spawn(function()
+      local c <close> = setmetatable({}, { __close = function()
+        rbe.shield(function() rbe.sleep(0.01); log[#log + 1] = "undo waited" end)
+      end })
+      rbe.sleep(30)
+    end)
+    rbe.sleep(0.005)
+    t:cancel()
+    local ok, err = pcall(t.join, t)
+    assert.is_false(ok)
+    assert.are.equal("cancelled", err.kind)
+    assert.are.same({ "undo waited" }, log)
+  end)
+
+  it("holds off a cancel that arrives during the shielded wait", function()
+    local log = {}
+    local t = rbe.spawn(function()
+      rbe.shield(function() rbe.sleep(0.05); log[#log + 1] = "shielded done" end)
+      rbe.sleep(30)
+      log[#log + 1] = "not reached"
+    end)
+    rbe.sleep(0.01)
+    t:cancel()
+    local ok, err = pcall(t.join, t)
+    assert.is_false(ok)
+    assert.are.equal("cancelled", err.kind)
+    assert.are.same({ "shielded done" }, log)
+  end)
+
+  it("a timeout inside the shield still applies; an outer expired one does not", function()
+    local ok, err = pcall(rbe.timeout, 0.01, function()
+      rbe.sleep(0.03) -- the outer expires here
+    end)
+    assert.are.equal("timeout", err.kind)
+    local inner
+    pcall(rbe.timeout, 0.01, function()
+      pcall(rbe.sleep, 1)
+      rbe.shield(function()
+        rbe.sleep(0.005) -- allowed: the expired outer scope is held off
+        local iok, ierr = pcall(rbe.timeout, 0.01, rbe.sleep, 30)
+        inner = ierr
+      end)
+    end)
+    assert.are.equal("timeout", inner.kind)
+  end)
+end)

@@ -1,0 +1,1 @@
+-- an empty playbook: what `rbe run` costs before any work
