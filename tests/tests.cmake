@@ -6,10 +6,10 @@ set(RBE_TEST_STATE ${CMAKE_BINARY_DIR}/test-servers)
 
 add_test(NAME servers.start
   COMMAND ${CMAKE_SOURCE_DIR}/tests/fixtures/servers.sh start ${RBE_TEST_STATE})
-set_tests_properties(servers.start PROPERTIES FIXTURES_SETUP servers)
+set_tests_properties(servers.start PROPERTIES FIXTURES_SETUP servers TIMEOUT 90)
 add_test(NAME servers.stop
   COMMAND ${CMAKE_SOURCE_DIR}/tests/fixtures/servers.sh stop ${RBE_TEST_STATE})
-set_tests_properties(servers.stop PROPERTIES FIXTURES_CLEANUP servers)
+set_tests_properties(servers.stop PROPERTIES FIXTURES_CLEANUP servers TIMEOUT 30)
 
 file(GLOB RBE_SPECS CONFIGURE_DEPENDS
   ${CMAKE_SOURCE_DIR}/tests/unit/*_spec.lua
