@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 int luaopen_cjson(lua_State *L);
@@ -59,6 +60,7 @@ static void install_signals(void) {
 }
 
 static int file_exists(const char *p) { return access(p, R_OK) == 0; }
+static int bytecode_searcher(lua_State *L);
 
 /* Find the directory holding lua/rbe/init.lua: $RBE_PATH, then
  * <exe>/../share/rbe (installed and build tree), then the source tree. */
@@ -106,7 +108,56 @@ static void setup_paths(lua_State *L) {
   lua_setfield(L, -3, "path");
   lua_pushstring(L, lc);
   lua_setfield(L, -3, "cpath");
-  lua_pop(L, 2);
+  /* stack: package, root -> insert the bytecode searcher at position 2 */
+  lua_getfield(L, -2, "searchers");
+  lua_pushvalue(L, -2);
+  lua_pushcclosure(L, bytecode_searcher, 1);
+  for (int i = (int)luaL_len(L, -2); i >= 2; i--) {
+    lua_rawgeti(L, -2, i);
+    lua_rawseti(L, -3, i + 1);
+  }
+  lua_rawseti(L, -2, 2);
+  lua_pop(L, 3);
+}
+
+/* package.searchers entry placed before the source searcher: load
+ * <root>/luac/NAME.luac (compiled at build time, debug info kept) while it
+ * is at least as new as <root>/lua/NAME.lua; parsing the library's source
+ * at every start costs more than everything else rbe does to start. */
+static int stat_mtime(const char *path, struct timespec *ts) {
+  struct stat st;
+  if (stat(path, &st) != 0) return -1;
+  *ts = st.st_mtim;
+  return 0;
+}
+
+static int bytecode_searcher(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  const char *root = lua_tostring(L, lua_upvalueindex(1));
+  char mod[512];
+  size_t n = strlen(name);
+  if (n >= sizeof mod) return 0;
+  for (size_t i = 0; i <= n; i++) mod[i] = name[i] == '.' ? '/' : name[i];
+  static const char *const forms[][2] = {
+    {"%s/luac/%s.luac", "%s/lua/%s.lua"},
+    {"%s/luac/%s/init.luac", "%s/lua/%s/init.lua"},
+  };
+  for (int i = 0; i < 2; i++) {
+    char bc[4096], src[4096];
+    struct timespec tb, ts;
+    snprintf(bc, sizeof bc, forms[i][0], root, mod);
+    if (stat_mtime(bc, &tb) != 0) continue;
+    snprintf(src, sizeof src, forms[i][1], root, mod);
+    if (stat_mtime(src, &ts) == 0 &&
+        (ts.tv_sec > tb.tv_sec ||
+         (ts.tv_sec == tb.tv_sec && ts.tv_nsec > tb.tv_nsec)))
+      continue;                          /* edited since the build */
+    if (luaL_loadfilex(L, bc, "b") != LUA_OK) return lua_error(L);
+    lua_pushstring(L, src);
+    return 2;
+  }
+  lua_pushfstring(L, "no bytecode for '%s' in %s/luac", name, root);
+  return 1;
 }
 
 static void preload(lua_State *L, const char *name, lua_CFunction f) {
