@@ -7,6 +7,7 @@
 #include "task.h"
 
 #include <lualib.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,7 @@ void rbe_versions_push(lua_State *L);
 #endif
 
 static volatile sig_atomic_t nsignals;
+static pthread_t main_thread;
 static int got_signal;
 static uv_async_t sig_async;
 
@@ -40,7 +42,9 @@ static void on_signal(int sig) {
   }
   got_signal = sig;
   uv_async_send(&sig_async);
-  rbe_sched_interrupt_running();
+  /* only the loop thread may touch Lua; a signal delivered to a libuv
+   * threadpool thread still reaches the loop through the async handle */
+  if (pthread_equal(pthread_self(), main_thread)) rbe_sched_interrupt_running();
 }
 
 static void sig_async_cb(uv_async_t *h) {
@@ -51,6 +55,7 @@ static void sig_async_cb(uv_async_t *h) {
 
 static void install_signals(void) {
   struct sigaction sa;
+  main_thread = pthread_self();
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);

@@ -12,7 +12,7 @@ local fs = require "rbe.fs"
 local t0 = rbe.now()
 local function step(name, fn, ...)
   local s = rbe.now()
-  io.write(("[%6.2fs] %-38s"):format(s - t0, name)); io.flush()
+  io.write(("[%6.2fs] %-44s"):format(s - t0, name)); io.flush()
   local ok, err = rbe.try(fn, ...)
   io.write(ok and "ok" or ("FAILED: " .. tostring(err)),
            ("  (%.0f ms)\n"):format((rbe.now() - s) * 1000))
