@@ -135,9 +135,28 @@ local function failed(t)
   return st == "failed" or st == "cancelled"
 end
 
--- Wait for every task; the first failure cancels the rest and is raised.
-local function await_all(tasks)
-  local ok, err = pcall(function()
+-- Run body(); if it raises (a child failed, or we were cancelled or timed
+-- out), cancel every task, let them unwind, and re-raise.
+local function supervise(tasks, body)
+  local ok, err = pcall(body)
+  if not ok then
+    cancel_and_settle(tasks)
+    error(err, 0)
+  end
+end
+
+local function first_results(tasks, n)
+  local results = { n = n }
+  for i = 1, n do results[i] = (tasks[i]:result()) end
+  return results
+end
+
+-- rbe.all{f1, f2, ...} -> r1, r2, ...  (each function's first result)
+function M.all(fns)
+  local n = check_fns(fns, "rbe.all")
+  local tasks = {}
+  for i = 1, n do tasks[i] = core.spawn(fns[i]) end
+  supervise(tasks, function()
     while true do
       local live = {}
       for _, t in ipairs(tasks) do
@@ -148,34 +167,19 @@ local function await_all(tasks)
       core.wait_any(live)
     end
   end)
-  if not ok then
-    cancel_and_settle(tasks)
-    error(err, 0)
-  end
-end
-
--- rbe.all{f1, f2, ...} -> r1, r2, ...  (each function's first result)
-function M.all(fns)
-  local n = check_fns(fns, "rbe.all")
-  local tasks = {}
-  for i = 1, n do tasks[i] = core.spawn(fns[i]) end
-  await_all(tasks)
-  local results = {}
-  for i = 1, n do results[i] = (tasks[i]:result()) end
-  return unpack(results, 1, n)
+  return unpack(first_results(tasks, n), 1, n)
 end
 
 -- rbe.parallel(fns, {limit = N}) -> results (array, results.n), at most N
 -- running at once; the first failure cancels the rest and is raised.
 function M.parallel(fns, opts)
   local n = check_fns(fns, "rbe.parallel")
-  local limit = opts and opts.limit or n
+  local limit = opts and opts.limit or math.max(n, 1)
   if math.type(limit) ~= "integer" or limit < 1 then
     error("rbe.parallel: limit must be a positive integer", 2)
   end
   local tasks, running, next_i = {}, {}, 1
-  local results = { n = n }
-  local ok, err = pcall(function()
+  supervise(tasks, function()
     while next_i <= n or #running > 0 do
       while next_i <= n and #running < limit do
         local t = core.spawn(fns[next_i])
@@ -184,17 +188,11 @@ function M.parallel(fns, opts)
         next_i = next_i + 1
       end
       local i = core.wait_any(running)
-      local t = running[i]
-      table.remove(running, i)
+      local t = table.remove(running, i)
       if failed(t) then error(t:error(), 0) end
     end
   end)
-  if not ok then
-    cancel_and_settle(tasks)
-    error(err, 0)
-  end
-  for i = 1, n do results[i] = (tasks[i]:result()) end
-  return results
+  return first_results(tasks, n)
 end
 
 -- rbe.race{f1, f2, ...} -> the results of the first function to finish
