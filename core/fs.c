@@ -357,6 +357,7 @@ static int fs_read(lua_State *L) {
 static int fs_write(lua_State *L) {
   static const char *const known[] = {"mode", NULL};
   const char *path = check_path(L, 1, "fs.write");
+  lua_settop(L, 3);
   size_t len;
   const char *data = check_data(L, 2, "fs.write", &len);
   check_opts(L, 3, "fs.write", known);
@@ -435,6 +436,7 @@ cleanup:
 static int fs_append(lua_State *L) {
   static const char *const known[] = {"fsync", "mode", NULL};
   const char *path = check_path(L, 1, "fs.append");
+  lua_settop(L, 3);
   size_t len;
   const char *data = check_data(L, 2, "fs.append", &len);
   check_opts(L, 3, "fs.append", known);

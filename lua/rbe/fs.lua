@@ -11,10 +11,11 @@ local core = require "rbe.fs.core"
 local aux = require "rbe.aux"
 local timer = require "rbe.timer"
 
-local type, error, pcall, setmetatable, tostring =
-  type, error, pcall, setmetatable, tostring
+local type, error, pcall, pairs, setmetatable, tostring =
+  type, error, pcall, pairs, setmetatable, tostring
 local sort = table.sort
 local sleep, now = timer.sleep, timer.now
+local max, min = math.max, math.min
 
 local BLOCK = 65536
 
@@ -195,21 +196,30 @@ function M.tail(path, opts)
           local rest = sp:flush()
           if rest then return rest end
         elseif pst and (pst.ino ~= fst.ino or pst.dev ~= fst.dev) then
-          local ok, nf = pcall(core.open, path, "fs.tail")
-          if ok then
-            f:close()
-            f, off = nf, 0
-            local rest = sp:flush()
-            if rest then return rest end
-          elseif not is_enoent(nf) then
-            error(nf, 0)
+          -- replaced: first take what reached the old file since the read
+          local more = f:read(BLOCK, off)
+          if more ~= "" then
+            off = off + #more
+            sp:push(more)
           else
-            sleep(poll)   -- gone again before we could open it
+            local ok, nf = pcall(core.open, path, "fs.tail")
+            if ok then
+              f:close()
+              f, off = nf, 0
+              local rest = sp:flush()
+              if rest then return rest end
+            elseif is_enoent(nf) then
+              sleep(poll)   -- gone again before we could open it
+            else
+              error(nf, 0)
+            end
           end
         else
+          -- always a real wait, even of 0s: a follow loop never spins
+          -- without giving the loop (and rbe.timeout) a turn
           local wait = poll
-          if deadline and deadline - now() < wait then wait = deadline - now() end
-          if wait > 0 then sleep(wait) end
+          if deadline then wait = max(0, min(wait, deadline - now())) end
+          sleep(wait)
         end
       end
     end
