@@ -11,6 +11,7 @@ local cmds = {
   { name = "rbe run empty.lua", argv = { RBE, "run", here .. "/empty.lua" } },
   { name = "lua5.4 -e ''", argv = { "lua5.4", "-e", "" } },
   { name = "floor (same libs, uv loop)", argv = { FLOOR } },
+  { name = "floor + pq/curl/hiredis/edit", argv = { FLOOR:gsub("rbe%-floor$", "rbe-eager-floor") } },
 }
 
 local function median(t)
@@ -35,6 +36,7 @@ for _, c in ipairs(cmds) do
 end
 print(("  ratio rbe / floor   = %.2fx (goal <= 1.2x)"):format(cmds[1].med / cmds[3].med))
 print(("  ratio rbe / lua5.4  = %.2fx"):format(cmds[1].med / cmds[2].med))
+print(("  loading the clients' libraries at start would cost %.2f ms more per run"):format(cmds[4].med - cmds[3].med))
 -- peak RSS as rbe itself sees it at the end of a run (VmHWM); wait4's
 -- ru_maxrss is not usable here: children start as vfork-style clones and
 -- inherit the parent's high-water mark

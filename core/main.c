@@ -165,6 +165,51 @@ static int bytecode_searcher(lua_State *L) {
   return 1;
 }
 
+/* The directory of rbe's loadable C modules: $RBE_LIBDIR, else
+ * <exe>/../lib/rbe (the build tree and the installed layout alike). */
+static void push_libdir(lua_State *L) {
+  const char *env = getenv("RBE_LIBDIR");
+  if (env && *env) { lua_pushstring(L, env); return; }
+  char exe[4096];
+  size_t n = sizeof exe;
+  if (uv_exepath(exe, &n) == 0) {
+    char *slash = strrchr(exe, '/');
+    if (slash) {
+      *slash = 0;
+      lua_pushfstring(L, "%s/../lib/rbe", exe);
+      return;
+    }
+  }
+  lua_pushliteral(L, ".");
+}
+
+/* package.preload entry: open <libdir>/<file>.so, call luaopen_rbe_<file> */
+static int lazy_open(lua_State *L) {
+  const char *file = lua_tostring(L, lua_upvalueindex(1));
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "loadlib");
+  push_libdir(L);
+  lua_pushfstring(L, "%s/%s.so", lua_tostring(L, -1), file);
+  lua_remove(L, -2);
+  lua_pushfstring(L, "luaopen_rbe_%s", file);
+  lua_call(L, 2, 2);
+  if (lua_isnil(L, -2))
+    return luaL_error(L, "cannot load rbe's %s module (RBE_LIBDIR): %s",
+                      file, lua_tostring(L, -1));
+  lua_pop(L, 1);
+  lua_pushvalue(L, 1);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+static void preload_lazy(lua_State *L, const char *name, const char *file) {
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  lua_pushstring(L, file);
+  lua_pushcclosure(L, lazy_open, 1);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 1);
+}
+
 static void preload(lua_State *L, const char *name, lua_CFunction f) {
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   lua_pushcfunction(L, f);
@@ -225,6 +270,13 @@ int main(int argc, char **argv) {
   preload(L, "rbe.timer", luaopen_rbe_timer);
   preload(L, "rbe.proc.core", luaopen_rbe_proc);
   preload(L, "rbe.fs.core", luaopen_rbe_fs);
+  /* the heavy clients are loadable modules (lib/rbe/<name>.so), opened on
+   * first require: starting rbe does not pay for libpq, libcurl, hiredis
+   * and libedit (bench/startup.lua measures the difference) */
+  preload_lazy(L, "rbe.pg.core", "pg");
+  preload_lazy(L, "rbe.http.core", "http");
+  preload_lazy(L, "rbe.redis.core", "redis");
+  preload_lazy(L, "rbe.repl.core", "repl");
   setup_paths(L);
   rbe_sched_init(L, loop);
   uv_async_init(loop, &sig_async, sig_async_cb);

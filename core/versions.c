@@ -1,6 +1,7 @@
-/* versions.c: rbe.versions() -> {rbe, lua, libuv, ...}, the version of
- * every library linked into this executable, for `rbe version` and bug
- * reports. */
+/* versions.c: rbe.versions() -> {rbe, lua, libuv, lua-cjson}: the
+ * libraries of the executable itself.  The loadable modules (pg, http,
+ * redis, repl) report theirs as `_versions` of their core module; `rbe
+ * version` merges them. */
 #include "aux.h"
 
 #include <lua.h>

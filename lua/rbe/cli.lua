@@ -57,6 +57,12 @@ end
 
 local function version()
   local v = rbe.versions()
+  for _, m in ipairs { "pg", "http", "redis", "repl" } do
+    local ok, core = pcall(require, "rbe." .. m .. ".core")
+    if ok and type(core) == "table" and type(core._versions) == "table" then
+      for k, ver in pairs(core._versions) do v[k] = ver end
+    end
+  end
   local names = {}
   for k in pairs(v) do if k ~= "rbe" then names[#names + 1] = k end end
   table.sort(names)
