@@ -5,7 +5,7 @@ set -eu
 PKGS="build-essential cmake pkg-config
 liblua5.4-dev lua5.4 lua-cjson-dev lua-busted
 libuv1-dev libpq-dev libcurl4-openssl-dev libhiredis-dev libedit-dev
-postgresql postgresql-client redis-server redis-tools procps git openssl"
+postgresql postgresql-client redis-server redis-tools procps git openssl tmux"
 # node runs the local HTTP test servers and the npm-based fixtures; any
 # node will do (Debian's nodejs when none is installed)
 command -v node >/dev/null 2>&1 || PKGS="$PKGS nodejs npm"

@@ -83,6 +83,11 @@ function M.main(argv)
     return 0
   end
   if cmd == "version" or cmd == "--version" or cmd == "-v" then return version() end
+  if cmd == "repl" then
+    local args = {}
+    for i = 2, #argv do args[#args + 1] = argv[i] end
+    return require("rbe.repl").main(args)
+  end
   if cmd == "run" then
     if argv[2] == "-h" or argv[2] == "--help" then io.write(HELP.run) return 0 end
     return run_script(argv, 2, 2)
