@@ -19,6 +19,7 @@ int luaopen_cjson(lua_State *L);
 int luaopen_rbe_timer(lua_State *L);
 int luaopen_rbe_proc(lua_State *L);
 int luaopen_rbe_fs(lua_State *L);
+int luaopen_rbe_sys(lua_State *L);
 void rbe_proc_kill_all(int sig);
 void rbe_versions_push(lua_State *L);
 
@@ -270,6 +271,7 @@ int main(int argc, char **argv) {
   preload(L, "rbe.timer", luaopen_rbe_timer);
   preload(L, "rbe.proc.core", luaopen_rbe_proc);
   preload(L, "rbe.fs.core", luaopen_rbe_fs);
+  preload(L, "rbe.sys", luaopen_rbe_sys);
   /* the heavy clients are loadable modules (lib/rbe/<name>.so), opened on
    * first require: starting rbe does not pay for libpq, libcurl, hiredis
    * and libedit (bench/startup.lua measures the difference) */

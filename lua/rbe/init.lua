@@ -7,6 +7,7 @@
 local core = require "rbe.core"
 local aux = require "rbe.aux"
 local timer = require "rbe.timer"
+local sys = require "rbe.sys"
 
 local co_resume, co_yield, co_create, co_close, co_isyieldable =
   coroutine.resume, coroutine.yield, coroutine.create, coroutine.close,
@@ -37,6 +38,11 @@ M.setenv = aux.setenv
 M.version = core.version
 M.versions = core.versions
 M._counts = aux._counts
+M.sha256 = sys.sha256
+M.isatty = sys.isatty
+M.whoami = sys.whoami
+M.lock = sys.lock
+M.read_line = sys.read_line
 
 ---------------------------------------------------------------------------
 -- waits through user coroutines
