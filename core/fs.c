@@ -499,6 +499,20 @@ static int fs_stat(lua_State *L) {
 
 /* fs.exists(path) -> boolean (follows symlinks, like test -e); raises
  * when it cannot tell, e.g. EACCES on a parent directory. */
+/* fs.chmod(path, mode) -> nothing; mode as for write ("0600") */
+static int fs_chmod(lua_State *L) {
+  const char *path = check_path(L, 1, "fs.chmod");
+  lua_settop(L, 2);
+  lua_createtable(L, 0, 1);
+  lua_pushvalue(L, 2);
+  lua_setfield(L, -2, "mode");
+  int mode = opt_mode(L, 3, "fs.chmod");
+  if (mode < 0) return luaL_error(L, "fs.chmod: mode expected");
+  if (chmod(path, (mode_t)mode) != 0)
+    return raise_errno(L, errno, "fs.chmod %s", path);
+  return 0;
+}
+
 static int fs_exists(lua_State *L) {
   const char *path = check_path(L, 1, "fs.exists");
   struct stat st;
@@ -749,6 +763,7 @@ static const luaL_Reg fs_funcs[] = {
   {"append", fs_append},
   {"stat", fs_stat},
   {"exists", fs_exists},
+  {"chmod", fs_chmod},
   {"mkdir", fs_mkdir},
   {"list", fs_list},
   {"remove", fs_remove},

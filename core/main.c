@@ -36,6 +36,7 @@ static int got_signal;
 static uv_async_t sig_async;
 
 static void on_signal(int sig) {
+  rbe_nsignals++;
   if (++nsignals >= 2) {
     /* second Ctrl-C: leave now, taking the children with us */
     rbe_proc_kill_all(SIGKILL);

@@ -126,7 +126,7 @@ static int l_isatty(lua_State *L) {
   return 1;
 }
 
-/* rbe.whoami() -> {user, uid, host, pid} */
+/* rbe.whoami() -> {user, uid, host, pid, cwd} */
 static int l_whoami(lua_State *L) {
   char host[256];
   size_t n = sizeof host;
@@ -147,6 +147,12 @@ static int l_whoami(lua_State *L) {
   lua_setfield(L, -2, "host");
   lua_pushinteger(L, (lua_Integer)uv_os_getpid());
   lua_setfield(L, -2, "pid");
+  char cwd[4096];
+  size_t cn = sizeof cwd;
+  if (uv_cwd(cwd, &cn) == 0) {
+    lua_pushstring(L, cwd);
+    lua_setfield(L, -2, "cwd");
+  }
   return 1;
 }
 

@@ -14,6 +14,7 @@
 #include "task.h"
 #include "aux.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,6 +96,9 @@ static struct {
 } S;
 
 static char sentinel;        /* yielded by every wait */
+
+/* SIGINT/SIGTERM received (main.c's handler counts them) */
+volatile sig_atomic_t rbe_nsignals;
 
 static void idle_cb(uv_idle_t *h);
 
@@ -827,6 +831,12 @@ static int l_cancel_current_wait(lua_State *L) {
   return 0;
 }
 
+/* rbe.interrupted() -> true once SIGINT or SIGTERM arrived */
+static int l_interrupted(lua_State *L) {
+  lua_pushboolean(L, rbe_nsignals > 0);
+  return 1;
+}
+
 /* os.exit(code) inside a task: unwind every task, then exit */
 static int l_exit(lua_State *L) {
   int code;
@@ -860,6 +870,7 @@ static const luaL_Reg core_funcs[] = {
   {"current", l_current},
   {"_cancel_current_wait", l_cancel_current_wait},
   {"_exit", l_exit},
+  {"interrupted", l_interrupted},
   {NULL, NULL}
 };
 

@@ -69,4 +69,7 @@ void rbe_sched_close(void);
 
 int luaopen_rbe_core(lua_State *L);
 
+#include <signal.h>
+extern volatile sig_atomic_t rbe_nsignals;
+
 #endif

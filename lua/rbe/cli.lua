@@ -10,23 +10,23 @@ usage: rbe <command> [args]
        rbe FILE [args...]        run a Lua script as the main task
 
 commands:
-  run FILE [args...]   run a playbook (for now: a Lua script, as a task)
+  run FILE [options]   run a playbook (undo on failure, journal, report)
+  plan FILE            show what a playbook would do, changing nothing
+  resume RUN_ID        continue a crashed or interrupted run
+  history              list runs
+  show RUN_ID          a run's report and journal
+  repl                 the live incident console
   version              print rbe's version and those of its libraries
-  help [COMMAND]       show this help, or a command's
+  help [COMMAND]       show this help, or a command's (also: exit-codes)
 
-Exit codes: 0 done, 1 failed, 2 usage or playbook error, 130 interrupted.
+Exit codes: 0 done, 1 failed (undo ran), 2 usage or playbook error,
+3 undo failed, 75 lock held, 130 interrupted.
 Environment: RBE_PATH (rbe's Lua library root), RBE_USE_LUA_PATH=1 (honour
 LUA_PATH/LUA_CPATH, ignored by default), RBE_LOG (debug|info|warn|error).
 ]]
 
 local HELP = {
-  run = [[
-usage: rbe run FILE [args...]
-Runs FILE as the main task (a playbook runner replaces this).  Inside it
-`rbe`, `require "rbe.proc"`, `require "rbe.fs"` and friends are available;
-`arg` holds the arguments as in lua(1).  A syntax error exits 2, a runtime
-error 1, Ctrl-C 130.
-]],
+  repl = "usage: rbe repl [--load FILE] [--state-dir DIR]\nThe live incident console (see docs/repl.md).\n",
   version = "usage: rbe version\nPrints the versions of rbe, Lua and every linked library.\n",
   help = "usage: rbe help [COMMAND]\n",
 }
@@ -78,8 +78,9 @@ function M.main(argv)
   if cmd == "help" then
     local topic = argv[2]
     if not topic then io.write(USAGE) return 0 end
-    if not HELP[topic] then return usage_error("no such command: " .. topic) end
-    io.write(HELP[topic])
+    local text = HELP[topic] or require("rbe.pbcli").HELP[topic]
+    if not text then return usage_error("no such command: " .. topic) end
+    io.write(text)
     return 0
   end
   if cmd == "version" or cmd == "--version" or cmd == "-v" then return version() end
@@ -88,9 +89,13 @@ function M.main(argv)
     for i = 2, #argv do args[#args + 1] = argv[i] end
     return require("rbe.repl").main(args)
   end
-  if cmd == "run" then
-    if argv[2] == "-h" or argv[2] == "--help" then io.write(HELP.run) return 0 end
-    return run_script(argv, 2, 2)
+  local pbcli_cmds = { run = true, plan = true, resume = true, history = true, show = true }
+  if pbcli_cmds[cmd] then
+    local pbcli = require "rbe.pbcli"
+    if argv[2] == "-h" or argv[2] == "--help" then io.write(pbcli.HELP[cmd]) return 0 end
+    local args = {}
+    for i = 2, #argv do args[#args + 1] = argv[i] end
+    return pbcli[cmd](args)
   end
   if cmd:sub(1, 1) == "-" and cmd ~= "-" then
     return usage_error("unknown option " .. cmd)

@@ -29,6 +29,7 @@ M.stat = core.stat
 M.mkdir = core.mkdir
 M.remove = core.remove
 M.tmpdir = core.tmpdir
+M.chmod = core.chmod
 
 -- fs.list(dir) -> sorted array of the names in dir (no "." and "..")
 function M.list(dir)

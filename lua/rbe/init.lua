@@ -24,6 +24,7 @@ M.timeout = core.timeout
 M.shield = core.shield
 M.wait_any = core.wait_any
 M.current = core.current
+M.interrupted = core.interrupted
 M.sleep = timer.sleep
 M.now = timer.now
 M.time = timer.time
