@@ -1,81 +1,88 @@
 -- playbooks/demo.lua: `make demo` runs this with `rbe run`.  A small
--- rollback drill on tasks and processes only (the full drill against a
--- throwaway PostgreSQL/Redis/app stack replaces it once the playbook engine
--- and modules land).  It sets up a fake "app" directory in a temp dir,
--- "deploys" a bad v2, then rolls back to v1 the way a runbook would:
--- concurrent independent steps, a timeout on every wait, a process that
--- hangs and is killed, and a health poll until the old version answers.
-local rbe = require "rbe"
+-- rollback drill on processes and files only (a later drill runs against
+-- a throwaway PostgreSQL/Redis/app stack).  The first phase builds a fake
+-- app with a good v1 and a bad v2 deployed; the rest rolls back the way a
+-- runbook would: independent steps in parallel, a timeout on every wait, a
+-- flaky step retried, undo for each change, a health gate that must pass
+-- three times in a row, and a journal plus report at the end.
+local pb = require "rbe.playbook"
 local proc = require "rbe.proc"
 local fs = require "rbe.fs"
 
-local t0 = rbe.now()
-local function step(name, fn, ...)
-  local s = rbe.now()
-  io.write(("[%6.2fs] %-44s"):format(s - t0, name)); io.flush()
-  local ok, err = rbe.try(fn, ...)
-  io.write(ok and "ok" or ("FAILED: " .. tostring(err)),
-           ("  (%.0f ms)\n"):format((rbe.now() - s) * 1000))
-  if not ok then error(err, 0) end
-  return err
+local function git(ctx, ...)
+  return proc.run({ "git", ... }, { cwd = ctx.results["prepare drill"], timeout = "10s",
+    env = { GIT_AUTHOR_NAME = "rbe", GIT_AUTHOR_EMAIL = "rbe@localhost",
+            GIT_COMMITTER_NAME = "rbe", GIT_COMMITTER_EMAIL = "rbe@localhost" } })
 end
 
-local dir = fs.tmpdir("rbe-demo-")
-local app = dir .. "/app"
-local c <close> = setmetatable({}, { __close = function()
-  fs.remove(dir, { recursive = true })
-end })
+local function app(ctx, f) return ctx.results["prepare drill"] .. "/" .. f end
 
-step("prepare app with v1 and v2 tags", function()
-  fs.mkdir(app)
-  local git = function(...) return proc.run({ "git", ... }, { cwd = app, timeout = "10s",
-    env = { GIT_AUTHOR_NAME = "rbe", GIT_AUTHOR_EMAIL = "rbe@localhost",
-            GIT_COMMITTER_NAME = "rbe", GIT_COMMITTER_EMAIL = "rbe@localhost" } }) end
-  git("init", "-q")
-  fs.write(app .. "/VERSION", "v1\n")
-  git("add", "VERSION"); git("commit", "-qm", "v1"); git("tag", "v1")
-  fs.write(app .. "/VERSION", "v2\n")
-  git("commit", "-qam", "v2"); git("tag", "v2")
-end)
+return pb.playbook "demo: roll the app back from v2 to v1" {
+  budget = "1m",
+  vars = { fail_at = { default = "", doc = "name of a step to break, to watch the undo" } },
 
-step("confirm v2 is live (the bad deploy)", function()
-  local v = fs.read(app .. "/VERSION")
-  assert(v == "v2\n", "expected v2, got " .. v)
-end)
+  pb.phase "drill setup" { budget = "20s",
+    pb.step "prepare drill" {
+      run = function(ctx)
+        local dir = fs.tmpdir("rbe-demo-")
+        proc.run({ "git", "init", "-q", dir }, { timeout = "10s" })
+        ctx.results["prepare drill"] = dir
+        fs.write(dir .. "/VERSION", "v1\n")
+        git(ctx, "add", "VERSION"); git(ctx, "commit", "-qm", "v1"); git(ctx, "tag", "v1")
+        fs.write(dir .. "/VERSION", "v2\n")
+        git(ctx, "commit", "-qam", "v2 (bad)"); git(ctx, "tag", "v2")
+        fs.write(dir .. "/workers", "running\n")
+        return dir
+      end,
+      undo = function(ctx) fs.remove(ctx.results["prepare drill"], { recursive = true }) end,
+    },
+  },
 
--- Independent steps run concurrently; each has its own timeout.
-step("pause workers + snapshot state (parallel)", function()
-  rbe.all {
-    function() proc.sh("sleep 0.3; echo paused > " .. dir .. "/workers", { timeout = "5s" }) end,
-    function()
-      proc.run({ "tar", "-C", app, "-czf", dir .. "/snapshot.tgz", "." }, { timeout = "30s" })
+  pb.phase "application rollback" { budget = "30s",
+    pb.parallel { limit = 2,
+      pb.step "pause workers" {
+        run = function(ctx) rbe.sleep("200ms"); fs.write(app(ctx, "workers"), "paused\n") end,
+        undo = function(ctx) fs.write(app(ctx, "workers"), "running\n") end,
+        timeout = "5s",
+      },
+      pb.step "snapshot app" {
+        run = function(ctx)
+          local out = ctx.run_dir .. "/app-snapshot.tgz"
+          proc.run({ "tar", "-C", app(ctx, ""), "--exclude=.git", "-czf", out, "." }, { timeout = "30s" })
+          return out
+        end,
+        plan = function() return "would tar the app directory into the run directory" end,
+      },
+    },
+    pb.step "deploy API (flaky)" {
+      retries = 2, backoff = "100ms", timeout = "2s",
+      run = function(ctx)
+        local n = (ctx.results.flaky_attempts or 0) + 1
+        ctx.results.flaky_attempts = n
+        if n == 1 then error(rbe.error("http", "503 Service Unavailable (drill)", { retryable = true })) end
+        if ctx.vars.fail_at == "deploy API (flaky)" then error("broken on purpose (--var fail_at)") end
+      end,
+    },
+    pb.step "git checkout v1" {
+      run = function(ctx) git(ctx, "checkout", "-q", "v1") end,
+      undo = function(ctx) git(ctx, "checkout", "-q", "v2") end,
+      plan = function() return "would check out tag v1 (undo: v2)" end,
+    },
+  },
+
+  pb.gate "v1 answers" {
+    every = "50ms", pass = 3, within = "5s",
+    check = function(ctx) return fs.read(app(ctx, "VERSION")) == "v1\n" end,
+  },
+
+  pb.step "resume workers" {
+    run = function(ctx)
+      if ctx.vars.fail_at == "resume workers" then error("broken on purpose (--var fail_at)") end
+      fs.write(app(ctx, "workers"), "running\n")
     end,
-  }
-end)
+  },
 
-step("a hung step is killed by its timeout", function()
-  local ok, err = rbe.try(proc.sh, "sleep 60 & wait", { timeout = "300ms", kill_grace = "1s" })
-  assert(not ok and err.kind == "timeout", "the hung step should have timed out")
-end)
-
-step("git checkout v1", function()
-  proc.run({ "git", "checkout", "-q", "v1" }, { cwd = app, timeout = "30s" })
-end)
-
-step("poll health until v1 answers 3x in a row", function()
-  local passes = 0
-  rbe.timeout("10s", function()
-    while passes < 3 do
-      local v = fs.read(app .. "/VERSION")
-      passes = (v == "v1\n") and passes + 1 or 0
-      rbe.sleep("50ms")
-    end
-  end)
-end)
-
-step("resume workers", function()
-  proc.sh("echo running > " .. dir .. "/workers", { timeout = "5s" })
-end)
-
-print(("rolled back to %s in %.2fs"):format(fs.read(app .. "/VERSION"):gsub("\n", ""),
-  rbe.now() - t0))
+  pb.step "clean up drill" {
+    run = function(ctx) fs.remove(ctx.results["prepare drill"], { recursive = true }) end,
+  },
+}
