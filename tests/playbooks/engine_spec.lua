@@ -607,3 +607,56 @@ describe("#playbook lock, crash and resume", function()
     assert.are.equal(2, rbe_run({ "resume", id }).code) -- finished runs are not resumed
   end)
 end)
+
+describe("#playbook on a terminal", function()
+  local has_tmux = proc.run({ "sh", "-c", "command -v tmux" }, { check = false }).code == 0
+  local sock
+
+  local function tmux(...)
+    return proc.run({ "tmux", "-L", sock, ... }, { check = false, timeout = "10s" })
+  end
+  local function screen() return tmux("capture-pane", "-p", "-t", "t").stdout end
+  local function wait_for(text, secs)
+    local s
+    local ok = rbe.try(rbe.timeout, secs or 10, function()
+      while true do
+        s = screen()
+        if s:find(text, 1, true) then return end
+        rbe.sleep(0.05)
+      end
+    end)
+    return ok, s
+  end
+
+  after_each(function() if sock then tmux("kill-server") end end)
+
+  it("shows live progress, asks the operator and journals who confirmed", function()
+    if not has_tmux then pending("tmux is not installed") return end
+    sock = "rbe-spec-" .. rbe.whoami().pid
+    local p = playbook("tty", [[budget = "1m",]], [[
+  pb.step "warm up" { run = function() rbe.sleep(1.5) end },
+  pb.manual "post in the incident channel",
+  pb.step "drop cache" { confirm = "this drops the cache", run = function() mark("log", "dropped") end },
+]])
+    local cmd = ("cd %s && RBE_STATE_DIR=%s %s run %s --as erin; echo EXIT=$?; sleep 30")
+      :format(dir, path("state"), RBE, p)
+    tmux("new-session", "-d", "-s", "t", "-x", "120", "-y", "30", "sh", "-c", cmd)
+    local ok, s = wait_for("[1/3] warm up")
+    assert.is_true(ok, s)
+    assert.truthy(s:find("budget", 1, true), s)       -- the live line shows the budget used
+    ok, s = wait_for("type 'done' when it is done")
+    assert.is_true(ok, s)
+    tmux("send-keys", "-t", "t", "done", "Enter")
+    ok, s = wait_for("proceed with 'drop cache'? [y/N]")
+    assert.is_true(ok, s)
+    tmux("send-keys", "-t", "t", "y", "Enter")
+    ok, s = wait_for("EXIT=0")
+    assert.is_true(ok, s)
+    assert.are.same({ "dropped" }, lines("log"))
+    local by = {}
+    for _, ev in ipairs(events(runs()[1])) do
+      if ev.ev == "manual_confirm" then by[#by + 1] = ev.by .. ":" .. tostring(ev.auto) end
+    end
+    assert.are.same({ "erin:false", "erin:false" }, by)
+  end)
+end)
