@@ -6,18 +6,26 @@
 --   json.is_array(t)   true for marked tables
 --   json.encode(v)     cjson.encode honouring the marker; rbe.null and
 --                      cjson.null encode as null; rbe.secret values are
---                      revealed (the caller is sending them somewhere)
---   json.decode(s)     cjson.decode; empty arrays come back marked, so a
---                      document read, changed and written back keeps its []
+--                      revealed (the caller is sending them somewhere);
+--                      integers are written exactly (cjson alone prints
+--                      14 significant digits: 2^53 would come out rounded)
+--   json.decode(s)     cjson.decode; whole numbers come back as Lua
+--                      integers (cjson gives floats: "/items/" .. id would
+--                      read "/items/7.0"); empty arrays come back marked,
+--                      so a document read, changed and written back keeps
+--                      its []
 --   json.null          cjson.null (what decode gives for null)
 --
 -- encode/decode failures raise error objects of kind "json" (code
 -- "EINVAL" for a value that cannot be encoded, "EBADMSG" for bad input).
 --
 -- The marker is a metatable.  encode walks the value once; a marked empty
--- table is swapped (in a copy, never in the caller's table) for a unique
--- placeholder string that is replaced by [] in cjson's output.  decode
--- does the reverse only when the text contains an empty array at all.
+-- table (or a large integer) is swapped, in a copy, never in the caller's
+-- table, for a unique placeholder string that is replaced by [] (or the
+-- integer's digits) in cjson's output.  decode walks the result once to
+-- turn whole floats into integers, and rewrites empty arrays of the text
+-- to placeholders first when the text has any.  rbe.json uses its own
+-- cjson instance (cjson.new()), so its settings never leak to `cjson`.
 local cjson = require "cjson"
 local aux = require "rbe.aux"
 
@@ -26,7 +34,10 @@ local type, pairs, next, error, pcall, getmetatable, setmetatable, tostring =
 local find, sub, byte, gsub, format = string.find, string.sub, string.byte,
   string.gsub, string.format
 local concat = table.concat
-local cjson_encode, cjson_decode = cjson.encode, cjson.decode
+local floor = math.floor
+local cj = cjson.new()
+local cjson_encode, cjson_decode = cj.encode, cj.decode
+local mtype, tointeger = math.type, math.tointeger
 local CNULL, RNULL = cjson.null, aux.null
 local reveal, is_secret = aux.reveal, aux.is_secret
 
@@ -42,6 +53,9 @@ M._array_mt = ARRAY
 -- cjson writes it unescaped
 local EMPTY = format("rbe0empty0array0%x0%x", os.time(), math.random(1 << 30))
 local EMPTY_Q = '"' .. EMPTY .. '"'
+local INT_Q = '"' .. EMPTY .. 'i(%-?%d+)"'
+local BIG = 1e14        -- cjson's %.14g is exact below this
+local EXACT = 2^53      -- floats are exact integers below this
 local MAX_DEPTH = 1000
 
 local function json_error(code, fmt, ...)
@@ -97,6 +111,13 @@ end
 prep = function(v, state, depth)
   local tv = type(v)
   if tv == "table" then return prep_table(v, state, depth) end
+  if tv == "number" then
+    if (v >= BIG or v <= -BIG) and tointeger(v) then
+      state.ints = state.ints + 1
+      return EMPTY .. "i" .. format("%d", tointeger(v))
+    end
+    return v
+  end
   if tv == "userdata" then
     if v == RNULL then return CNULL end
     if is_secret(v) then return prep(reveal(v), state, depth) end
@@ -106,13 +127,15 @@ end
 
 -- json.encode(v) -> string
 function M.encode(v)
-  local state = { empty = 0 }
-  local ok, out = pcall(function() return cjson_encode(prep(v, state, 1)) end)
+  local state = { empty = 0, ints = 0 }
+  local ok, out = pcall(prep, v, state, 1)
+  if not ok then error(out, 2) end
+  ok, out = pcall(cjson_encode, out)
   if not ok then
-    if aux.is_error(out) then error(out, 2) end
     error(json_error("EINVAL", "json.encode: %s", tostring(out)), 2)
   end
   if state.empty > 0 then out = gsub(out, EMPTY_Q, "[]") end
+  if state.ints > 0 then out = gsub(out, INT_Q, "%1") end
   return out
 end
 
@@ -149,13 +172,24 @@ local function mark_empty_arrays(s)
   return concat(parts)
 end
 
-local function unmark(v)
-  if type(v) ~= "table" then return v end
-  if v[1] == EMPTY and next(v, next(v)) == nil then
+-- whole floats -> integers; placeholder arrays -> marked empty arrays
+local function fix(v)
+  local tv = type(v)
+  if tv == "number" then
+    if v == floor(v) and v < EXACT and v > -EXACT then return tointeger(v) end
+    return v
+  end
+  if tv ~= "table" then return v end
+  if v[1] == EMPTY and next(v, 1) == nil then
     return setmetatable({}, ARRAY)
   end
   for k, x in pairs(v) do
-    if type(x) == "table" then v[k] = unmark(x) end
+    local tx = type(x)
+    if tx == "number" then
+      if x == floor(x) and x < EXACT and x > -EXACT then v[k] = tointeger(x) end
+    elseif tx == "table" then
+      v[k] = fix(x)
+    end
   end
   return v
 end
@@ -174,8 +208,7 @@ function M.decode(s)
       error(json_error("EBADMSG", "json.decode: %s", tostring(v)), 2)
     end
   end
-  if marked then v = unmark(v) end
-  return v
+  return fix(v)
 end
 
 return M

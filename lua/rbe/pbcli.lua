@@ -1,72 +1,23 @@
 -- rbe.pbcli: the playbook commands of the CLI: run, plan, resume, history,
 -- show.  Each returns the process exit code (see `rbe help exit-codes`).
 local rbe = require "rbe"
-local fs = require "rbe.fs"
-local cjson = require "cjson"
-local pb = require "rbe.playbook"
-local runner = require "rbe.runner"
-local journal = require "rbe.journal"
-local progress = require "rbe.progress"
+
+-- the engine's modules load only when a playbook runs: `rbe run script.lua`
+-- starts as fast as `rbe script.lua`
+local lazy = setmetatable({}, { __index = function(t, k)
+  local m = require(k == "cjson" and "cjson" or ("rbe." .. k))
+  rawset(t, k, m)
+  return m
+end })
+local function pb() return lazy.playbook end
 
 local M = {}
 
-local EXIT = runner.EXIT
+local EXIT = { ok = 0, failed = 1, usage = 2, undo_failed = 3, locked = 75,
+               interrupted = 130 }   -- the same as rbe.playbook's EXIT
 
-M.HELP = {
-  run = [[
-usage: rbe run FILE [options]
-
-Runs the playbook FILE: steps in order, undo of completed steps in reverse
-order when one fails, a journal per run and a report at the end.
-(A FILE that does not return a playbook runs as a plain Lua script.)
-
-options:
-  --var NAME=VALUE     set a declared var (repeatable)
-  --var-file FILE      NAME=VALUE lines ('#' comments)
-  -y, --yes            confirm manual steps and confirmations (journaled)
-  --reason TEXT        why this run happens (journal and report)
-  --as NAME            who runs it (default: the login name)
-  --json               one JSON event per line on stdout
-  -q, --quiet          only failures and the summary
-  -v, --verbose        also every gate check
-  --state-dir DIR      journals and locks (default $RBE_STATE_DIR or ./.rbe)
-  --no-color           no colours (NO_COLOR is honoured too)
-
-exit codes: 0 done, 1 a step failed (undo ran), 2 usage or playbook error,
-3 an undo failed (a person must act), 75 another run holds the lock,
-130 interrupted (resumable with `rbe resume RUN_ID`).
-]],
-  plan = [[
-usage: rbe plan FILE [--var NAME=VALUE] [--var-file FILE] [--json]
-
-Prints the playbook's tree (phases, steps, parallel groups, gates, manual
-steps, whether each step has an undo, budgets, vars) and each step's
-plan(ctx) output: what it would change.  Writes nothing of its own.
-]],
-  resume = [[
-usage: rbe resume RUN_ID [options]
-
-Continues a crashed or interrupted run: steps journaled as done are not
-run again.  A step that was in flight runs again only if it is idempotent
-or its check says it is not done (or its pg_tx marker is missing);
-otherwise you are asked, or pass --rerun-unknown / --skip-unknown.
-Refuses if the playbook changed since the run started, unless --force.
-
-options: --force --rerun-unknown --skip-unknown --yes --var --var-file
-         --json -q -v --state-dir DIR --no-color --as NAME
-]],
-  history = "usage: rbe history [--state-dir DIR] [--json]\nLists runs: id, playbook, user, start, duration, status.\n",
-  show = "usage: rbe show RUN_ID [--state-dir DIR]\nPrints a run's report and a summary of its journal.\n",
-  ["exit-codes"] = [[
-rbe exit codes:
-  0    done
-  1    a step failed; the undo of completed steps ran
-  2    usage error or playbook error (nothing ran)
-  3    an undo failed: a person must act (see the report)
-  75   another run of this playbook holds the lock
-  130  interrupted (Ctrl-C / SIGTERM); `rbe resume RUN_ID` continues
-]],
-}
+-- help texts live in rbe.help (loaded only when asked for)
+M.HELP = setmetatable({}, { __index = function(_, k) return require("rbe.help")[k] end })
 
 local function usage_error(msg)
   io.stderr:write("rbe: ", msg, "\nRun 'rbe help' for usage.\n")
@@ -152,7 +103,10 @@ local function load_book(path, o, script_args)
     for i, v in ipairs(script_args) do a[i] = v end
     _G.arg = a
   end
-  return pb.load(path, { vars = o.vars, var_files = o.var_files })
+  local root, text = require("rbe.pbload").load_chunk(path)
+  local pbm = package.loaded["rbe.playbook"]
+  if not (pbm and pbm.is_playbook(root)) then return nil end  -- a plain script
+  return pbm.from_root(root, path, text, { vars = o.vars, var_files = o.var_files })
 end
 
 local function run_opts(o)
@@ -172,7 +126,7 @@ function M.run(args)
     for i = 2, #o.pos do extra[#extra + 1] = o.pos[i] end
     local book = load_book(path, o, extra)
     if not book then return EXIT.ok end     -- a plain script: it has run
-    local run = runner.new(book, run_opts(o))
+    local run = lazy.runner.new(book, run_opts(o))
     return run:execute()
   end)
 end
@@ -187,28 +141,28 @@ function M.plan(args)
     local book = load_book(path, o)
     if not book then return usage_error(path .. " does not return a playbook") end
     if o.json then
-      local mask = runner.make_mask(book)
+      local mask = lazy.runner.make_mask(book)
       local out = { ev = "plan", playbook = book.name, path = book.path,
-                    sha256 = book.sha256, vars = pb.display_vars(book), nodes = {} }
-      for _, e in ipairs(runner.plan(book)) do
+                    sha256 = book.sha256, vars = pb().display_vars(book), nodes = {} }
+      for _, e in ipairs(lazy.runner.plan(book)) do
         local n = e.node
         out.nodes[#out.nodes + 1] = {
           kind = n.kind, name = n.name, depth = e.depth, where = n.where,
           undo = n.kind == "step" and n.undo ~= nil or nil,
-          budget = n.budget, limit = n.limit, detail = runner.describe(n),
-          plan = e.plan ~= nil and journal.sanitize(e.plan, mask) or nil,
+          budget = n.budget, limit = n.limit, detail = lazy.runner.describe(n),
+          plan = e.plan ~= nil and lazy.journal.sanitize(e.plan, mask) or nil,
           plan_error = e.plan_error and mask(e.plan_error) or nil }
       end
-      io.write(cjson.encode(out), "\n")
+      io.write(lazy.cjson.encode(out), "\n")
     else
-      io.write(runner.plan_text(book))
+      io.write(lazy.runner.plan_text(book))
     end
     return EXIT.ok
   end)
 end
 
 local function run_dir_of(o, id)
-  local state = journal.state_dir(o.state_dir)
+  local state = lazy.journal.state_dir(o.state_dir)
   if not id or not id:match("^[%w._-]+$") then return nil end
   return state .. "/runs/" .. id
 end
@@ -223,16 +177,16 @@ function M.resume(args)
   end
   return guarded(function()
     local dir = run_dir_of(o, id)
-    local jpath = dir and (dir .. "/journal.jsonl")
-    if not jpath or not fs.exists(jpath) then
-      return usage_error("no run " .. tostring(id) .. " in " .. journal.state_dir(o.state_dir) .. "/runs")
+    local jpath = dir and (dir .. "/lazy.journal.jsonl")
+    if not jpath or not lazy.fs.exists(jpath) then
+      return usage_error("no run " .. tostring(id) .. " in " .. lazy.journal.state_dir(o.state_dir) .. "/runs")
     end
-    local ok, why = journal.check_private(jpath)
+    local ok, why = lazy.journal.check_private(jpath)
     if not ok then return usage_error("refusing to resume: " .. why) end
-    local ok2, why2 = journal.check_private(dir)
+    local ok2, why2 = lazy.journal.check_private(dir)
     if not ok2 then return usage_error("refusing to resume: " .. why2) end
-    local events, torn = journal.read(jpath)
-    local prev = runner.previous(events)
+    local events, torn = lazy.journal.read(jpath)
+    local prev = lazy.runner.previous(events)
     if not prev.start then return usage_error("journal of " .. id .. " has no run start") end
     if prev.ended and prev.ended.exit_code ~= EXIT.interrupted then
       return usage_error(("run %s already ended (%s, exit %s): start a new run instead")
@@ -256,7 +210,7 @@ function M.resume(args)
     local opts = run_opts(o)
     opts.reason = o.reason or prev.start.reason
     opts.as = o.as or prev.start.user
-    local run = runner.new(book, opts)
+    local run = lazy.runner.new(book, opts)
     run.prev = prev
     run.run_id = id
     if torn then io.stderr:write("rbe: the journal's last line was torn (a crash mid-write); ignoring it\n") end
@@ -265,7 +219,7 @@ function M.resume(args)
 end
 
 local function summarize(dir, id)
-  local ok, events = pcall(journal.read, dir .. "/journal.jsonl")
+  local ok, events = pcall(lazy.journal.read, dir .. "/lazy.journal.jsonl")
   if not ok then return { id = id, status = "unreadable" } end
   local s = { id = id, status = "running or crashed" }
   for _, ev in ipairs(events) do
@@ -286,16 +240,16 @@ end
 function M.history(args)
   local o, err = parse(args, { state_dir = 1, json = 1 })
   if not o then return usage_error(err) end
-  local runs = journal.state_dir(o.state_dir) .. "/runs"
-  if not fs.exists(runs) then
+  local runs = lazy.journal.state_dir(o.state_dir) .. "/runs"
+  if not lazy.fs.exists(runs) then
     if o.json then io.write("[]\n") else io.write("no runs in ", runs, "\n") end
     return EXIT.ok
   end
   local list = {}
-  for _, id in ipairs(fs.list(runs)) do list[#list + 1] = summarize(runs .. "/" .. id, id) end
+  for _, id in ipairs(lazy.fs.list(runs)) do list[#list + 1] = summarize(runs .. "/" .. id, id) end
   table.sort(list, function(a, b) return (a.started or 0) < (b.started or 0) end)
   if o.json then
-    io.write(cjson.encode(list), "\n")
+    io.write(lazy.cjson.encode(list), "\n")
     return EXIT.ok
   end
   io.write(("%-24s %-28s %-10s %-20s %9s  %s\n"):format("run", "playbook", "user",
@@ -304,7 +258,7 @@ function M.history(args)
     io.write(("%-24s %-28s %-10s %-20s %9s  %s\n"):format(s.id,
       (s.playbook or "?"):sub(1, 28), (s.user or "?"):sub(1, 10),
       s.started and os.date("!%Y-%m-%d %H:%M:%S", math.floor(s.started)) or "?",
-      s.duration and progress.fmt_dur(s.duration) or "-",
+      s.duration and lazy.progress.fmt_dur(s.duration) or "-",
       s.status .. (s.single and (" (single: " .. s.single .. ")") or "")))
   end
   return EXIT.ok
@@ -316,17 +270,17 @@ function M.show(args)
   local id = o.pos[1]
   if not id then return usage_error("rbe show: missing RUN_ID") end
   local dir = run_dir_of(o, id)
-  if not dir or not fs.exists(dir .. "/journal.jsonl") then
+  if not dir or not lazy.fs.exists(dir .. "/lazy.journal.jsonl") then
     return usage_error("no run " .. tostring(id))
   end
-  if fs.exists(dir .. "/report.md") then io.write(fs.read(dir .. "/report.md"), "\n") end
-  local events = journal.read(dir .. "/journal.jsonl")
-  io.write("## Journal (", #events, " events, ", dir, "/journal.jsonl)\n\n")
+  if lazy.fs.exists(dir .. "/report.md") then io.write(lazy.fs.read(dir .. "/report.md"), "\n") end
+  local events = lazy.journal.read(dir .. "/lazy.journal.jsonl")
+  io.write("## Journal (", #events, " events, ", dir, "/lazy.journal.jsonl)\n\n")
   for _, ev in ipairs(events) do
     local t = ev.ts and os.date("!%H:%M:%S", math.floor(ev.ts)) or "?"
     local what = ev.step or ev.phase or ev.playbook or ""
     local extra = ev.status or ev.reason or ""
-    if ev.error and ev.error ~= cjson.null then extra = extra .. " " .. tostring(ev.error):match("^[^\n]*") end
+    if ev.error and ev.error ~= lazy.cjson.null then extra = extra .. " " .. tostring(ev.error):match("^[^\n]*") end
     io.write(("%s  %-16s %-28s %s\n"):format(t, ev.ev, tostring(what), extra))
   end
   return EXIT.ok

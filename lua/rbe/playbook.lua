@@ -23,6 +23,10 @@ local type, pairs, ipairs, error, tostring, setmetatable, getmetatable =
 
 local M = {}
 
+-- exit codes of the playbook commands (`rbe help exit-codes`)
+M.EXIT = { ok = 0, failed = 1, usage = 2, undo_failed = 3, locked = 75,
+           interrupted = 130 }
+
 local NODE = {}      -- metatable of every node
 local PENDING = {}   -- metatable of `pb.step "name"` before its body
 
@@ -270,26 +274,18 @@ Book.__index = Book
 
 -- pb.load(path[, {vars = {k = v}}]) -> book; raises a playbook error
 function M.load(path, opts)
-  opts = opts or {}
   if type(path) ~= "string" then error("pb.load: path expected", 2) end
-  local ok, text = pcall(fs.read, path)
-  if not ok then
-    perror(nil, "cannot read playbook %s: %s", path, tostring(text.message or text))
-  end
-  if text:sub(1, 4) == "\27Lua" then
-    perror(path, "precompiled chunks are refused: playbooks load as text only")
-  end
-  local env = setmetatable({}, { __index = _G })
-  local chunk, err = load(text, "@" .. path, "t", env)
-  if not chunk then perror(nil, "%s", err) end
-  local ok2, root = pcall(chunk)
-  if not ok2 then
-    if rbe.is_error(root) and root.kind == "playbook" then error(root, 0) end
-    perror(nil, "%s", rbe.is_error(root) and root.message or tostring(root))
-  end
+  local root, text = require("rbe.pbload").load_chunk(path)
   if getmetatable(root) ~= NODE or root.kind ~= "playbook" then
     return nil, root   -- not a playbook: a plain script, already run
   end
+  return M.from_root(root, path, text, opts)
+end
+
+-- The book of a playbook tree the file at `path` (whose text is `text`)
+-- returned: validated, vars resolved.
+function M.from_root(root, path, text, opts)
+  opts = opts or {}
   local byname, order, all = validate(root)
   local book = setmetatable({
     root = root, path = path, name = root.name, sha256 = rbe.sha256(text),

@@ -13,8 +13,7 @@ local pb = require "rbe.playbook"
 
 local M = {}
 
-M.EXIT = { ok = 0, failed = 1, usage = 2, undo_failed = 3, locked = 75,
-           interrupted = 130 }
+M.EXIT = pb.EXIT
 
 local FAILURE = {}   -- metatable of a step failure travelling up the tree
 
