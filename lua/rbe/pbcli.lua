@@ -177,7 +177,7 @@ function M.resume(args)
   end
   return guarded(function()
     local dir = run_dir_of(o, id)
-    local jpath = dir and (dir .. "/lazy.journal.jsonl")
+    local jpath = dir and (dir .. "/journal.jsonl")
     if not jpath or not lazy.fs.exists(jpath) then
       return usage_error("no run " .. tostring(id) .. " in " .. lazy.journal.state_dir(o.state_dir) .. "/runs")
     end
@@ -219,7 +219,7 @@ function M.resume(args)
 end
 
 local function summarize(dir, id)
-  local ok, events = pcall(lazy.journal.read, dir .. "/lazy.journal.jsonl")
+  local ok, events = pcall(lazy.journal.read, dir .. "/journal.jsonl")
   if not ok then return { id = id, status = "unreadable" } end
   local s = { id = id, status = "running or crashed" }
   for _, ev in ipairs(events) do
@@ -270,12 +270,12 @@ function M.show(args)
   local id = o.pos[1]
   if not id then return usage_error("rbe show: missing RUN_ID") end
   local dir = run_dir_of(o, id)
-  if not dir or not lazy.fs.exists(dir .. "/lazy.journal.jsonl") then
+  if not dir or not lazy.fs.exists(dir .. "/journal.jsonl") then
     return usage_error("no run " .. tostring(id))
   end
   if lazy.fs.exists(dir .. "/report.md") then io.write(lazy.fs.read(dir .. "/report.md"), "\n") end
-  local events = lazy.journal.read(dir .. "/lazy.journal.jsonl")
-  io.write("## Journal (", #events, " events, ", dir, "/lazy.journal.jsonl)\n\n")
+  local events = lazy.journal.read(dir .. "/journal.jsonl")
+  io.write("## Journal (", #events, " events, ", dir, "/journal.jsonl)\n\n")
   for _, ev in ipairs(events) do
     local t = ev.ts and os.date("!%H:%M:%S", math.floor(ev.ts)) or "?"
     local what = ev.step or ev.phase or ev.playbook or ""

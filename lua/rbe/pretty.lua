@@ -64,9 +64,14 @@ function M.mask(s)
   if type(s) ~= "string" then return s end
   if not s:find("[@=:]") then return s end
   s = s:gsub("(%a[%w+.-]*://[^/%s:@]*:)([^@%s/]+)(@)", "%1***%3")
-  s = s:gsub("([%w_]*[Pp][Aa][Ss][Ss][%w_]*%s*=%s*)('[^']*')", "%1***")
-  s = s:gsub("([%w_]*[Pp][Aa][Ss][Ss][%w_]*%s*=%s*)([^%s'&;,]+)", "%1***")
-  s = s:gsub('("[%w_]*[Pp][Aa][Ss][Ss][%w_]*"%s*:%s*)("[^"]*")', "%1\"***\"")
+  local key = "([%w_]*[Pp][Aa][Ss][Ss][%w_]*%s*=%s*)"
+  s = s:gsub(key .. "(%b'')", "%1'***'")
+  s = s:gsub(key .. '(%b"")', '%1"***"')
+  s = s:gsub(key .. "([^%s'\"&;,][^%s'&;,]*)", function(k, v)
+    if v == "***" then return nil end
+    return k .. "***"
+  end)
+  s = s:gsub('("[%w_]*[Pp][Aa][Ss][Ss][%w_]*"%s*:%s*)("[^"]*")', '%1"***"')
   return s
 end
 local mask = M.mask
@@ -201,7 +206,7 @@ local function walk_table(t, o, depth, indent, path)
   if depth >= o.depth then
     local n = 0
     for _ in pairs(t) do n = n + 1 end
-    return n == 0 and "{}" or fmt("{...%d}", n), true
+    return n == 0 and "{}" or "{...}", true
   end
   path[t] = true
   local n, rest = ordered_keys(t)
@@ -237,6 +242,21 @@ local function walk_table(t, o, depth, indent, path)
   if all_inline then
     local one = "{" .. concat(parts, ", ") .. "}"
     if #indent + width(one) <= o.width then return one, true end
+    if #rest == 0 and n > 0 then
+      -- a long array of short values: fill the lines
+      local lines, cur = {}, nil
+      for _, p in ipairs(parts) do
+        if cur and #inner + width(cur) + 2 + width(p) > o.width then
+          lines[#lines + 1] = cur .. ","
+          cur = p
+        else
+          cur = cur and (cur .. ", " .. p) or p
+        end
+      end
+      lines[#lines + 1] = cur
+      return "{\n" .. inner .. concat(lines, "\n" .. inner) .. "\n" .. indent .. "}",
+        false
+    end
   end
   return "{\n" .. inner .. concat(parts, ",\n" .. inner) .. "\n" .. indent .. "}",
     false
@@ -340,7 +360,7 @@ local function aligned(rows, names, o, limit)
     head[c] = center(name, widths[c])
     rule[c] = rep("-", widths[c] + 2)
   end
-  out[1] = " " .. concat(head, " | ")
+  out[1] = (" " .. concat(head, " | ")):gsub("%s+$", "")
   out[2] = concat(rule, "+")
   for r = 1, limit do
     local line = {}
