@@ -299,11 +299,15 @@ local function column_names(rows)
   return names
 end
 
-local function cell(v, col, o, max)
-  if M.secret_key(col) and v ~= nil and v ~= null then return "***", false end
+local function ctrl(c) return ESC[c] or "?" end
+
+-- one cell as text; secret: the column holds secrets
+local function cell(v, secret, max)
+  if secret and v ~= nil and v ~= null then return "***", false end
   local t = type(v)
   if t == "string" then
-    local s = mask(v):gsub("%c", function(c) return ESC[c] or "?" end)
+    local s = mask(v)
+    if s:find("%c") then s = s:gsub("%c", ctrl) end
     return max and cut(s, max) or s, false
   end
   if t == "number" then return number(v), true end
@@ -338,22 +342,24 @@ end
 
 local function aligned(rows, names, o, limit)
   local n = #rows
-  local widths, numeric, grid = {}, {}, {}
+  local widths, numeric, grid, cw, secret = {}, {}, {}, {}, {}
   for c, name in ipairs(names) do
     widths[c] = width(name)
     numeric[c] = n > 0
+    secret[c] = M.secret_key(name)
   end
+  local max = o.cell_max
   for r = 1, limit do
-    local row, line = rows[r], {}
+    local row, line, lw = rows[r], {}, {}
     for c, name in ipairs(names) do
-      local s, isnum = cell(row[name], name, o, o.cell_max)
-      line[c] = s
-      if not isnum and row[name] ~= nil and row[name] ~= null then
-        numeric[c] = false
-      end
-      if width(s) > widths[c] then widths[c] = width(s) end
+      local v = row[name]
+      local s, isnum = cell(v, secret[c], max)
+      local w = width(s)
+      line[c], lw[c] = s, w
+      if not isnum and v ~= nil and v ~= null then numeric[c] = false end
+      if w > widths[c] then widths[c] = w end
     end
-    grid[r] = line
+    grid[r], cw[r] = line, lw
   end
   local out, head, rule = {}, {}, {}
   for c, name in ipairs(names) do
@@ -366,7 +372,7 @@ local function aligned(rows, names, o, limit)
     local line = {}
     for c = 1, #names do
       local s = grid[r][c]
-      local pad = rep(" ", widths[c] - width(s))
+      local pad = rep(" ", widths[c] - cw[r][c])
       line[c] = numeric[c] and pad .. s or s .. pad
     end
     out[#out + 1] = (" " .. concat(line, " | ")):gsub("%s+$", "")
@@ -381,7 +387,7 @@ local function expanded(rows, names, o, limit)
   for r = 1, limit do
     local lines, vw = {}, 0
     for c, name in ipairs(names) do
-      local s = cell(rows[r][name], name, o, nil)
+      local s = cell(rows[r][name], M.secret_key(name), nil)
       lines[c] = name .. rep(" ", kw - width(name)) .. " | " .. s
       vw = math.max(vw, width(s))
     end

@@ -86,12 +86,24 @@ local LAZY = { pg = "rbe.pg", redis = "rbe.redis", http = "rbe.http",
 ---------------------------------------------------------------------------
 -- output: through core.output so nothing breaks the prompt
 
+-- known secret values never reach the terminal, even spelled out
+local function scrub(text)
+  if S and next(S.secrets) then
+    for _, v in ipairs(S.secret_list) do
+      if text:find(v, 1, true) then
+        text = text:gsub(v:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0"), "***")
+      end
+    end
+  end
+  return text
+end
+
 local function out(text)
-  core.output(1, text)
+  core.output(1, scrub(text))
 end
 
 local function err_out(text)
-  core.output(2, text)
+  core.output(2, scrub(text))
 end
 
 local function red(s)
@@ -128,7 +140,11 @@ end
 local function remember_secret(v)
   v = rbe.reveal(v)
   if type(v) == "number" then v = tostring(v) end
-  if type(v) == "string" and #v >= 3 then S.secrets[v] = true end
+  if type(v) == "string" and #v >= 3 and not S.secrets[v] then
+    S.secrets[v] = true
+    S.secret_list[#S.secret_list + 1] = v
+    sort(S.secret_list, function(a, b) return #a > #b end)   -- longest first
+  end
 end
 
 local function escape_pattern(s)
@@ -143,10 +159,7 @@ local function mask_line(line)
   line = line:gsub("(secret%s*%(%s*)%[(=*)%[.-%]%2%]", "%1\"***\"")
   line = line:gsub("(secret%s*)(%b\"\")", "%1\"***\"")
   line = line:gsub("(secret%s*)(%b'')", "%1'***'")
-  local known = {}
-  for s in pairs(S.secrets) do known[#known + 1] = s end
-  sort(known, function(a, b) return #a > #b end)   -- longest first
-  for _, s in ipairs(known) do
+  for _, s in ipairs(S.secret_list) do
     line = line:gsub(escape_pattern(s), "***")
   end
   return pretty.mask(line)
@@ -172,6 +185,8 @@ local function iso_time()
     fmt(".%03dZ", math.floor((t % 1) * 1000))
 end
 
+-- append one record; a line's record is on disk before the line runs, its
+-- outcome ("result") is flushed with the next line's
 local function audit(rec)
   if not S.audit_path then return end
   rec.time = iso_time()
@@ -181,7 +196,7 @@ local function audit(rec)
   rec.pid = S.ident.pid
   rec.target = S.target
   local ok, e = pcall(fs.append, S.audit_path, cjson.encode(rec) .. "\n",
-                      { mode = "0600", fsync = true })
+                      { mode = "0600", fsync = rec.event ~= "result" })
   if not ok and not S.audit_warned then
     S.audit_warned = true
     show_error("warning: cannot write the audit log: ", e)
@@ -306,10 +321,10 @@ local function install()
   _G.print = function(...) out(format_print_args(...)) end
   setmetatable(_G, { __index = lazy_index })
 
-  -- writes to the terminal go above the prompt
+  -- writes to the terminal go above the prompt, known secrets masked
   local methods = getmetatable(io.stdout).__index
   local file_write = methods.write
-  if S.edit and type(methods) == "table" then
+  if type(methods) == "table" then
     local stdout, stderr = io.stdout, io.stderr
     methods.write = function(f, ...)
       if f ~= stdout and f ~= stderr then return file_write(f, ...) end
@@ -322,7 +337,7 @@ local function install()
         end
         parts[i] = tostring(v)
       end
-      core.output(f == stderr and 2 or 1, concat(parts))
+      core.output(f == stderr and 2 or 1, scrub(concat(parts)))
       return f
     end
     io.write = function(...) return methods.write(io.output(), ...) end
@@ -333,7 +348,7 @@ local function install()
     local ok, e = pcall(job.task.join, job.task)
     if not job.task:done() then return end    -- the monitor was cancelled
     job.ended = rbe.now()
-    if S.running_seq == job.seq then return end  -- its line reports it
+    if job.line_task and not job.line_task:done() then return end  -- its line reports it
     local took = pretty.duration(job.ended - job.started)
     if ok then note(fmt("[%d] done (%s)", job.id, took))
     elseif rbe.is_error(e) and e.kind == "cancelled" then
@@ -342,10 +357,18 @@ local function install()
       show_error(fmt("[%d] failed: ", job.id), e)
     end
   end
+  -- tasks spawned by code typed at the prompt are the session's jobs (a
+  -- module's own helpers, the runner's progress, ... are not)
   rbe.spawn = function(f, ...)
     local t = spawn(f, ...)
+    local caller = debug.getinfo(2, "Sf")
+    local from_prompt = caller and (caller.source == "=stdin" or
+      -- `return rbe.spawn(f)` typed at the prompt is a tail call: the
+      -- line's own frame is gone, its caller is the console's wrapper
+      (caller.func == S.eval_closure and debug.getinfo(1, "t").istailcall))
+    if not from_prompt then return t end
     local job = { id = S.next_job, task = t, line = S.current_line or "?",
-                  started = rbe.now(), seq = S.running_seq }
+                  started = rbe.now(), line_task = S.line_task }
     S.next_job = S.next_job + 1
     S.jobs[#S.jobs + 1] = job
     job.monitor = spawn(monitor, job)
@@ -376,8 +399,10 @@ local function run_task(fn, label)
   local spawn = S.spawn
   local t0 = rbe.now()
   local task = spawn(fn)
+  S.line_task = task
   core.line_task(task)
-  if S.spinner then core.spinner(true, label or "running") end
+  -- playbook commands draw the runner's own progress: no spinner there
+  if S.spinner and not label then core.spinner(true, "running") end
   local ints = 0
   local sig = spawn(core.wait_interrupt)
   local ok, e = pcall(function()
@@ -416,10 +441,16 @@ end
 -- statements.  Returns fn, is_expression | nil, message, incomplete
 local function compile(src)
   local code = src
-  if code:match("^%s*=") then code = "return " .. code:gsub("^%s*=", "", 1) end
-  local f = load("return " .. code, "=stdin", "t")
+  local expr = src:match("^%s*=(.*)$")     -- =expr, as lua 5.1 had it
+  if expr then code = expr end
+  local f, msg = load("return " .. code, "=stdin", "t")
   if f then return f, true end
-  local g, msg = load(code, "=stdin", "t")
+  if expr then
+    if msg:sub(-5) == "<eof>" then return nil, msg, true end
+    return nil, msg, false
+  end
+  local g
+  g, msg = load(code, "=stdin", "t")
   if g then return g, false end
   if msg:sub(-5) == "<eof>" then return nil, msg, true end
   return nil, msg, false
@@ -484,18 +515,19 @@ local function timing(elapsed)
 end
 
 local function error_text(e)
-  return pretty.mask(tostring(e))
+  return scrub(pretty.mask(tostring(e)))
 end
 
--- run fn as a recorded line: audit before and after, results printed
-local function evaluate(src, fn, event, label)
-  S.seq = S.seq + 1
-  local seq = S.seq
-  audit({ event = event, seq = seq, line = mask_line(src) })
-  S.running_seq = seq
+-- run fn as a recorded line: audit before (unless the caller did: seq)
+-- and after, results printed
+local function evaluate(src, fn, label, seq)
+  if not seq then
+    S.seq = S.seq + 1
+    seq = S.seq
+    audit({ event = "eval", seq = seq, line = mask_line(src) })
+  end
   S.current_line = src
   local ok, res, elapsed, ints = run_task(fn, label)
-  S.running_seq = nil
   if ok then show_results(res, elapsed)
   else show_failure(res, ints) end
   timing(elapsed)
@@ -522,7 +554,7 @@ local function eval_lua(src)
     rawset(_G, "_err", e)
     err_out(red("syntax error: " .. pretty.mask(msg)) .. "\n")
     audit({ event = "result", seq = S.seq, ok = false, kind = "syntax",
-            error = pretty.mask(msg) })
+            error = error_text(msg) })
     history_add(src)
     return true
   end
@@ -532,7 +564,8 @@ local function eval_lua(src)
         .. "to keep it", name, name))
     end
   end
-  evaluate(src, function() return pack(fn()) end, "eval")
+  S.eval_closure = function() return pack(fn()) end
+  evaluate(src, S.eval_closure)
   return true
 end
 
@@ -679,7 +712,7 @@ local function show_steps()
   out(text .. "\n")
 end
 
-local function run_step(line, undo, rest)
+local function run_step(line, undo, rest, seq)
   if not need_book() then return end
   local name, reason = split_step(rest)
   if name == "" then
@@ -719,7 +752,7 @@ local function run_step(line, undo, rest)
   local ok = evaluate(line, function()
     if undo then return pack(pb().undo_one(book, name, opts)) end
     return pack(pb().run_one(book, name, opts))
-  end, "command", (undo and "undo " or "step ") .. name)
+  end, (undo and "undo " or "step ") .. name, seq)
   S.step_status[name] = fmt("%s %s %s", verb, ok and "ok" or "failed",
                             os.date("%H:%M:%S"))
 end
@@ -751,10 +784,9 @@ end
 
 local function command(line)
   local cmd, rest = line:match("^%s*\\(%S*)%s*(.-)%s*$")
-  if cmd ~= "run" and cmd ~= "undo" then   -- those record themselves
-    S.seq = S.seq + 1
-    audit({ event = "command", seq = S.seq, line = mask_line(line) })
-  end
+  S.seq = S.seq + 1
+  local seq = S.seq
+  audit({ event = "command", seq = seq, line = mask_line(line) })
   if cmd == "help" or cmd == "?" or cmd == "h" then
     out(HELP .. "\n")
   elseif cmd == "q" or cmd == "quit" or cmd == "exit" then
@@ -803,7 +835,7 @@ local function command(line)
       else show_failure(res, 0) end
     end
   elseif cmd == "run" or cmd == "undo" then
-    run_step(line, cmd == "undo", rest)
+    run_step(line, cmd == "undo", rest, seq)
   else
     err_out(red(fmt("unknown command \\%s (\\help lists them)", cmd)) .. "\n")
   end
@@ -1015,6 +1047,7 @@ local function new_session(o)
     jobs = {},
     next_job = 1,
     secrets = {},
+    secret_list = {},
     lazy_failed = {},
     step_status = {},
     seq = 0,
@@ -1067,8 +1100,11 @@ function M.main(args)
     loop()
   end)
   local code = S.code
-  pcall(audit, { event = "end", code = code })
+  pcall(audit, { event = "end", code = code,
+                 error = not ok2 and pretty.mask(tostring(e)) or nil })
   uninstall()
+  -- tasks that modules started from the prompt would keep rbe running
+  if ok2 and rbe._counts().tasks > 1 then core.cancel_all("the console exited") end
   core.stop()
   S = nil
   if not ok2 then error(e, 0) end
