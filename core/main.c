@@ -52,7 +52,8 @@ static void on_signal(int sig) {
 static void sig_async_cb(uv_async_t *h) {
   (void)h;
   rbe_sched_cancel_all(got_signal == SIGTERM ? "terminated (SIGTERM)"
-                                             : "interrupted (Ctrl-C)");
+                       : got_signal == SIGHUP ? "hung up (SIGHUP)"
+                                              : "interrupted (Ctrl-C)", 1);
 }
 
 static void install_signals(void) {
@@ -63,6 +64,7 @@ static void install_signals(void) {
   sigemptyset(&sa.sa_mask);
   sigaction(SIGINT, &sa, NULL);
   sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGHUP, &sa, NULL);   /* a dropped SSH session unwinds too */
   signal(SIGPIPE, SIG_IGN);
 }
 

@@ -440,7 +440,7 @@ static int l_cancel_all(lua_State *L) {
   /* the reason must outlive the tasks: keep a static copy */
   static char reason[128];
   snprintf(reason, sizeof reason, "%s", why);
-  rbe_sched_cancel_all(reason);
+  rbe_sched_cancel_all(reason, 0);
   return 0;
 }
 

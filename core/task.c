@@ -70,7 +70,8 @@ struct rbe_task {
   int queued;            /* on the run queue */
   int cancel_requested;
   int shield;            /* rbe.shield nesting: cancellation held off */
-  const char *cancel_reason;
+  const char *cancel_reason;  /* static, or anchored as user value 3 */
+  int cancel_interrupt;      /* cancelled by Ctrl-C/SIGTERM or as such */
   int inject;            /* error to deliver at the next resume */
   scope *inject_scope;
   int observed;          /* its outcome was read (join, all, ...) */
@@ -122,6 +123,17 @@ static void push_task(lua_State *L, rbe_task *t) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, t->self_ref);
 }
 
+/* Push the `cancelled` error object of task t (what: the wait). */
+static void push_cancelled(lua_State *L, rbe_task *t, const char *what) {
+  const char *why = t->cancel_reason ? t->cancel_reason : "task cancelled";
+  if (what) rbe_error_push(L, "cancelled", 0, "%s: %s", what, why);
+  else rbe_error_push(L, "cancelled", 0, "%s", why);
+  if (t->cancel_interrupt) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "interrupted");
+  }
+}
+
 /* ---- waits ---- */
 
 static rbe_wait *wait_new(lua_State *L, const char *what, int shielded) {
@@ -136,8 +148,7 @@ static rbe_wait *wait_new(lua_State *L, const char *what, int shielded) {
   if (t->wait.state != W_IDLE)
     luaL_error(L, "%s: task is already waiting (internal error)", what);
   if (t->cancel_requested && !shielded && !t->shield) {
-    rbe_error_push(L, "cancelled", 0, "%s: %s", what,
-                   t->cancel_reason ? t->cancel_reason : "task cancelled");
+    push_cancelled(L, t, what);
     lua_error(L);
   }
   for (scope *s = t->scopes; s && !shielded; s = s->prev)
@@ -448,24 +459,38 @@ static int l_wait_any(lua_State *L) {
 
 /* task:cancel([reason]) -> nothing.  A waiting task is woken with a
  * `cancelled` error; a task that has not started never runs. */
-static void task_cancel_c(rbe_task *t, const char *reason) {
+static void task_cancel_c(rbe_task *t, const char *reason, int interrupt) {
   if (t->state >= T_DONE || t->cancel_requested) return;
   t->cancel_requested = 1;
   t->cancel_reason = reason;
+  t->cancel_interrupt = interrupt;
   if (t->state == T_RUNNING || t->shield) return; /* sees it later */
   if (!t->started) { t->inject = INJ_CANCEL; enqueue(t); return; }
   interrupt_task(t, INJ_CANCEL, NULL);
 }
 
+/* task:cancel([reason[, {interrupted = true}]]) -> nothing.  The reason
+ * becomes the message of the `cancelled` error; `interrupted` marks it as
+ * an operator's interruption (Ctrl-C) rather than a cancellation by the
+ * program (err.interrupted = true), as the signal handler does. */
 static int task_cancel(lua_State *L) {
   rbe_task *t = check_task(L, 1);
+  const char *reason = "task cancelled";
+  int interrupt = lua_istable(L, 3) && rbe_opt_bool_field(L, 3, "interrupted", 0);
+  if (lua_type(L, 2) == LUA_TSTRING) {
+    if (t->state >= T_DONE || t->cancel_requested) return 0;
+    lua_pushvalue(L, 2);
+    lua_setiuservalue(L, 1, 3);   /* anchors the string */
+    reason = lua_tostring(L, 2);
+  }
   if (t == S.current) {
     t->cancel_requested = 1;
-    t->cancel_reason = "task cancelled itself";
-    rbe_error_push(L, "cancelled", 0, "task cancelled itself");
+    t->cancel_reason = lua_type(L, 2) == LUA_TSTRING ? reason : "task cancelled itself";
+    t->cancel_interrupt = interrupt;
+    push_cancelled(L, t, NULL);
     return lua_error(L);
   }
-  task_cancel_c(t, "task cancelled");
+  task_cancel_c(t, reason, interrupt);
   return 0;
 }
 
@@ -586,7 +611,7 @@ rbe_task *rbe_task_spawn(lua_State *L, int nargs) {
   lua_pushcfunction(L, task_body);
   lua_insert(L, -(nargs + 2));
   nargs++;
-  rbe_task *t = lua_newuserdatauv(L, sizeof *t, 2);
+  rbe_task *t = lua_newuserdatauv(L, sizeof *t, 3);
   memset(t, 0, sizeof *t);
   t->self_ref = LUA_NOREF;
   luaL_setmetatable(L, TASK_MT);
@@ -648,7 +673,7 @@ static void finish_error(lua_State *co, rbe_task *t) {
       S.exit_code = (int)lua_tointeger(L, -1);
       lua_pop(L, 1);
       t->observed = 1;
-      rbe_sched_cancel_all("the process is exiting (os.exit)");
+      rbe_sched_cancel_all("the process is exiting (os.exit)", 0);
     }
     lua_pop(L, 3);
   }
@@ -684,8 +709,7 @@ static void push_inject(lua_State *co, rbe_task *t) {
     rbe_error_push(co, "timeout", 1, "%s: timed out after %fs", what, secs);
     rbe_error_code_str(co, "ETIMEDOUT");
   } else {
-    rbe_error_push(co, "cancelled", 0, "%s: %s", what,
-                   t->cancel_reason ? t->cancel_reason : "task cancelled");
+    push_cancelled(co, t, what);
   }
   t->inject = INJ_NONE;
   t->inject_scope = NULL;
@@ -700,8 +724,7 @@ static void run_task(rbe_task *t) {
     if (t->inject) {           /* cancelled before it ran */
       t->inject = INJ_NONE;
       lua_settop(co, 0);
-      rbe_error_push(co, "cancelled", 0, "%s",
-                     t->cancel_reason ? t->cancel_reason : "task cancelled");
+      push_cancelled(co, t, NULL);
       finish(t, LUA_ERRRUN, 1);
       return;
     }
@@ -756,14 +779,17 @@ static void idle_cb(uv_idle_t *h) {
   if (!S.head) uv_idle_stop(h);
 }
 
-void rbe_sched_cancel_all(const char *why) {
-  for (rbe_task *t = S.alive; t; t = t->next_alive) task_cancel_c(t, why);
+void rbe_sched_cancel_all(const char *why, int interrupt) {
+  for (rbe_task *t = S.alive; t; t = t->next_alive)
+    task_cancel_c(t, why, interrupt);
 }
 
 static void hook_interrupt(lua_State *L, lua_Debug *ar) {
   (void)ar;
   lua_sethook(L, NULL, 0, 0);
   rbe_error_push(L, "cancelled", 0, "interrupted");
+  lua_pushboolean(L, 1);
+  lua_setfield(L, -2, "interrupted");
   lua_error(L);
 }
 
@@ -783,7 +809,7 @@ int rbe_sched_run(void) {
     fprintf(stderr, "rbe: deadlock: %ld task(s) waiting with nothing in "
             "flight; cancelling them\n", S.nalive);
     long before = S.nalive;
-    rbe_sched_cancel_all("deadlock: nothing could wake this task");
+    rbe_sched_cancel_all("deadlock: nothing could wake this task", 0);
     uv_run(S.loop, UV_RUN_DEFAULT);
     if (S.nalive == before) return (int)S.nalive;
   }

@@ -55,8 +55,9 @@ rbe_task *rbe_task_spawn(lua_State *L, int nargs);
 /* Run the loop until no task is alive.  Returns the number of tasks still
  * alive when nothing could make progress (0 normally). */
 int rbe_sched_run(void);
-/* Cancel every live task (SIGINT/SIGTERM, shutdown). */
-void rbe_sched_cancel_all(const char *why);
+/* Cancel every live task (SIGINT/SIGTERM, shutdown); interrupt marks the
+ * cancelled errors as an operator's interruption (err.interrupted). */
+void rbe_sched_cancel_all(const char *why, int interrupt);
 /* After rbe_sched_run: status of the finished task at stack index idx:
  * 0 ok, 1 failed, 2 cancelled; if failed/cancelled, pushes the error. */
 int rbe_task_outcome(lua_State *L, int idx, rbe_task *t);

@@ -411,7 +411,7 @@ local function run_task(fn, label)
       if i == 1 then return end
       ints = ints + 1
       if ints == 1 then
-        task:cancel()
+        task:cancel("interrupted (Ctrl-C)", { interrupted = true })
       else
         note("still cancelling (the line holds off cancellation); " ..
              "Ctrl-C again quits rbe")

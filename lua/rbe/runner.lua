@@ -164,7 +164,8 @@ local function failure(node, err, policy)
 end
 
 local function is_interrupt(err)
-  return rbe.is_error(err) and err.kind == "cancelled" and rbe.interrupted()
+  return rbe.is_error(err) and err.kind == "cancelled"
+     and (err.interrupted == true or rbe.interrupted())
 end
 
 function Run:record_end(node, status, t0, err, extra)
