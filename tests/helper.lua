@@ -15,6 +15,11 @@ local before
 require("rbe.proc").run { "true" }
 
 local function counts()
+  -- pooled idle connections are not leaks: let the clients drop them
+  for _, m in ipairs { "rbe.http", "rbe.pg", "rbe.redis" } do
+    local mod = package.loaded[m]
+    if type(mod) == "table" and type(mod.close_idle) == "function" then mod.close_idle() end
+  end
   local c = rbe._counts()
   c.fds = #fs.list("/proc/self/fd")
   return c

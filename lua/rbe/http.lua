@@ -19,12 +19,12 @@ local aux = require "rbe.aux"
 local timer = require "rbe.timer"
 local rbe = require "rbe"
 
-local type, pairs, ipairs, next, error, tostring, tonumber, setmetatable,
-  rawget, select = type, pairs, ipairs, next, error, tostring, tonumber,
-  setmetatable, rawget, select
-local find, sub, lower, upper, gsub, format, byte, match, rep =
+local type, pairs, ipairs, error, tostring, tonumber, setmetatable, rawget,
+  pcall = type, pairs, ipairs, error, tostring, tonumber, setmetatable,
+  rawget, pcall
+local find, sub, lower, upper, gsub, format, byte, match =
   string.find, string.sub, string.lower, string.upper, string.gsub,
-  string.format, string.byte, string.match, string.rep
+  string.format, string.byte, string.match
 local concat, sort = table.concat, table.sort
 local floor, min, max, random = math.floor, math.min, math.max, math.random
 local reveal, is_secret = aux.reveal, aux.is_secret
@@ -35,13 +35,11 @@ local M = {}
 M._core = core
 M._stats = core._stats
 
--- Defaults for every request (a client's options override them).
-local DEFAULTS = {
-  timeout = 30, connect_timeout = 10, follow_redirects = true,
-  max_redirects = 10, retries = 0, backoff = 0.2, max_backoff = 30,
-  max_body = 64 * 1024 * 1024, compressed = true,
-}
-M.defaults = DEFAULTS
+-- Defaults of the retry loop.  The transfer's own defaults (timeout 30s,
+-- connect_timeout 10s, follow_redirects, max_redirects 10, verify,
+-- max_body 64 MiB, compressed) live in core/http.c: the spec sent to it
+-- carries only what a caller changed, so a plain GET costs least.
+local DEFAULTS = { retries = 0, backoff = 0.2, max_backoff = 30 }
 
 local REQUEST_OPTS = {
   method = true, url = true, headers = true, query = true, body = true,
@@ -61,6 +59,8 @@ local CLIENT_OPTS = {
 local IDEMPOTENT = { GET = true, HEAD = true, PUT = true, DELETE = true,
   OPTIONS = true, TRACE = true }
 local RETRY_STATUS = { [429] = true, [502] = true, [503] = true, [504] = true }
+-- methods sent with Content-Length: 0 when they have no body
+local EMPTY_BODY = { POST = true, PUT = true, PATCH = true }
 local EXCERPT = 200
 
 ---------------------------------------------------------------------------
@@ -75,7 +75,7 @@ local function unescape(s)
 end
 
 local function secret_name(name)
-  name = lower(unescape(gsub(name, "+", " ")))
+  name = lower(unescape((gsub(name, "%+", " "))))
   for i = 1, #SECRET_WORDS do
     if find(name, SECRET_WORDS[i], 1, true) then return true end
   end
@@ -148,13 +148,13 @@ local function request_secrets(ctx)
   end
   for _, h in ipairs(ctx.spec.headers or {}) do
     local name, value = match(h, "^([^:]+):%s*(.*)$")
-    if name and (secret_name(name) or ctx.secret_headers[lower(name)]) then
+    if name and (secret_name(name) or (ctx.secret_headers or {})[lower(name)]) then
       add_secret(list, value)
       add_secret(list, match(value, "^%S+%s+(.+)$"))  -- "Bearer <token>"
     end
   end
   add_secret(list, ctx.spec.password)
-  for _, s in ipairs(ctx.revealed) do add_secret(list, s) end
+  for _, s in ipairs(ctx.revealed or {}) do add_secret(list, s) end
   sort(list, function(a, b) return #a > #b end)
   return list
 end
@@ -182,16 +182,23 @@ local function escape(s)
 end
 M.escape = escape
 
+-- remember a revealed secret's text, to scrub it from error messages
+local function add_revealed(ctx, s)
+  local r = ctx.revealed
+  if not r then r = {}; ctx.revealed = r end
+  r[#r + 1] = tostring(s)
+end
+
 local function scalar(v, what, fname, ctx)
   if is_secret(v) then
     v = reveal(v)
-    if ctx then ctx.revealed[#ctx.revealed + 1] = tostring(v) end
+    if ctx then add_revealed(ctx, v) end
   end
   local t = type(v)
   if t == "string" then return v end
   if t == "number" or t == "boolean" then return tostring(v) end
   error(format("%s: %s must be a string, number or boolean, got %s", fname,
-    what, t), 4)
+    what, t), 0)
 end
 
 -- {a = 1, b = {"x", "y"}} -> "a=1&b=x&b=y" (keys sorted)
@@ -199,30 +206,33 @@ local function encode_pairs(t, what, fname, ctx)
   if type(t) == "string" then return t end
   if type(t) ~= "table" then
     error(format("%s: %s must be a table or a string, got %s", fname, what,
-      type(t)), 3)
+      type(t)), 0)
   end
   local keys = {}
   for k in pairs(t) do
     if type(k) ~= "string" then
-      error(format("%s: %s keys must be strings", fname, what), 3)
+      error(format("%s: %s keys must be strings", fname, what), 0)
     end
     keys[#keys + 1] = k
   end
   sort(keys)
   local parts = {}
   for _, k in ipairs(keys) do
-    local v, ek = t[k], escape(k)
+    local v, ek, name = t[k], escape(k), what .. "." .. k
     if type(v) == "table" and not is_secret(v) then
       for i = 1, #v do
-        parts[#parts + 1] = ek .. "=" .. escape(scalar(v[i], what .. "." .. k, fname, ctx))
+        parts[#parts + 1] = ek .. "=" .. escape(scalar(v[i], name, fname, ctx))
       end
     else
-      parts[#parts + 1] = ek .. "=" .. escape(scalar(v, what .. "." .. k, fname, ctx))
+      parts[#parts + 1] = ek .. "=" .. escape(scalar(v, name, fname, ctx))
     end
   end
   return concat(parts, "&")
 end
-M.encode_query = function(t) return encode_pairs(t, "query", "http.encode_query") end
+-- http.encode_query(t) -> "a=1&b=x%20y": the query/form encoding
+function M.encode_query(t)
+  return encode_pairs(t, "query", "http.encode_query")
+end
 
 local function add_query(url, q)
   if q == "" then return url end
@@ -253,20 +263,20 @@ local function duration(v, name, fname)
   end
   error(format("%s: %s must be a duration (seconds, or \"250ms\", \"5s\", "
     .. "\"2m\"), got %s", fname, name, type(v) == "string" and ("'" .. v .. "'")
-    or type(v)), 4)
+    or type(v)), 0)
 end
 
 local function check_opts(opts, known, fname)
   for k in pairs(opts) do
     if not known[k] then
-      error(format("%s: unknown option '%s'", fname, tostring(k)), 4)
+      error(format("%s: unknown option '%s'", fname, tostring(k)), 0)
     end
   end
 end
 
 local function check_int(v, name, fname, lo)
   if math.type(v) ~= "integer" or v < lo then
-    error(format("%s: %s must be an integer >= %d", fname, name, lo), 4)
+    error(format("%s: %s must be an integer >= %d", fname, name, lo), 0)
   end
   return v
 end
@@ -283,7 +293,35 @@ Headers.__index = function(t, k)
 end
 
 local Response = { __name = "rbe.http.response" }
-Response.__index = Response
+local parse_headers, unpack_str = core.parse_headers, string.unpack
+
+-- methods; `headers` and `timings` are built from the raw header block
+-- `_h` and the packed `_t` on first use (most callers never look)
+Response.__index = function(res, k)
+  local m = Response[k]
+  if m ~= nil then return m end
+  if k == "headers" or k == "_raw" then
+    local map, raw = parse_headers(rawget(res, "_h") or "")
+    rawset(res, "headers", setmetatable(map, Headers))
+    rawset(res, "_raw", raw)
+    return rawget(res, k)
+  elseif k == "timings" then
+    local t = rawget(res, "_t")
+    if not t then return nil end
+    local dns, connect, tls, first, total, redirect = unpack_str("dddddd", t)
+    local tt = { dns = dns, connect = connect, tls = tls, first_byte = first,
+      total = total, redirect = redirect }
+    rawset(res, "timings", tt)
+    return tt
+  end
+end
+
+-- A request's context (its spec holds the revealed secrets, for scrubbing
+-- error texts) prints as an opaque value, so dumping a response's fields
+-- shows no secret.
+local Ctx = { __name = "rbe.http.request", __tostring = function(c)
+  return "http request " .. c.method .. " " .. M.mask_url(c.spec.url)
+end }
 
 -- res:header_all(name) -> every value of a repeated header, in order
 function Response:header_all(name)
@@ -307,18 +345,19 @@ end
 -- res:json() -> the decoded body; a body that is not JSON raises a `json`
 -- error naming the request, status and content type
 function Response:json()
-  local ctx = self._ctx
+  local ctx = self._ctx or { method = self.method, spec = { url = self.url } }
   local body = self.body
   local function fail(what)
     local secrets = request_secrets(ctx)
-    local e = aux.error("json", scrub(format("%s %s: %s (status %d, content-type %s)",
-      self.method, M.mask_url(self.url), what, self.status,
+    local e = aux.error("json", scrub(format(
+      "%s %s: %s (status %d, content-type %s)", self.method,
+      M.mask_url(self.url), what, self.status,
       tostring(self.headers["content-type"])), secrets))
     e.code = "EBADMSG"
     e.status = self.status
     e.method = self.method
     e.url = M.mask_url(self.url)
-    error(e, 3)
+    error(e, 0)
   end
   if body == nil then
     fail("the body was written to " .. tostring(self.output or "a file")
@@ -405,11 +444,14 @@ local function header_list(ctx, client_headers, headers, fname)
   local function put(src)
     for name, v in pairs(src) do
       if type(name) ~= "string" or not find(name, "^[%w!#$%%&'*+.^_`|~-]+$") then
-        error(format("%s: bad header name %s", fname, tostring(name)), 4)
+        error(format("%s: bad header name %s", fname, tostring(name)), 0)
       end
       local l = lower(name)
       if not by[l] then order[#order + 1] = l end
-      if is_secret(v) then ctx.secret_headers[l] = true end
+      if is_secret(v) then
+        ctx.secret_headers = ctx.secret_headers or {}
+        ctx.secret_headers[l] = true
+      end
       if v == false then
         by[l] = { name, false }
       elseif type(v) == "table" and not is_secret(v) then
@@ -424,7 +466,7 @@ local function header_list(ctx, client_headers, headers, fname)
   if client_headers then put(client_headers) end
   if headers then
     if type(headers) ~= "table" then
-      error(fname .. ": headers must be a table of name = value", 3)
+      error(fname .. ": headers must be a table of name = value", 0)
     end
     put(headers)
   end
@@ -438,14 +480,10 @@ local function set_header(by, order, name, value)
   by[l] = { name, value }
 end
 
-local function has_header(by, name)
-  local e = by[lower(name)]
-  return e ~= nil
-end
-
 local Client = {}
 Client.__index = Client
 
+-- a request's option, else its client's, else the retry defaults
 local function opt(o, c, k)
   local v = o and o[k]
   if v == nil and c then v = c._opts[k] end
@@ -455,21 +493,27 @@ end
 
 -- Build the spec for the C core plus what the retry loop and errors need.
 local function build(c, method, url, o, fname)
+  -- the common case, a bare request: http.get(url)
+  if o == nil and c == nil and type(url) == "string" and find(url, "^https?://")
+     and (method == "GET" or method == "HEAD" or method == "DELETE") then
+    local spec = { method = method, url = url }
+    return spec, setmetatable({ method = method, spec = spec }, Ctx)
+  end
   if o ~= nil and type(o) ~= "table" then
-    error(format("%s: options must be a table, got %s", fname, type(o)), 3)
+    error(format("%s: options must be a table, got %s", fname, type(o)), 0)
   end
   if o then check_opts(o, REQUEST_OPTS, fname) end
-  if c and c._closed then error(fname .. ": the client is closed", 3) end
-  local ctx = { revealed = {}, secret_headers = {} }
+  if c and c._closed then error(fname .. ": the client is closed", 0) end
+  local ctx = setmetatable({ method = false, spec = false }, Ctx)
   if is_secret(url) then
     url = reveal(url)
-    ctx.revealed[1] = tostring(url)
+    add_revealed(ctx, url)
   end
   if type(url) ~= "string" or url == "" then
-    error(format("%s: url must be a string, got %s", fname, type(url)), 3)
+    error(format("%s: url must be a string, got %s", fname, type(url)), 0)
   end
   if type(method) ~= "string" or not find(method, "^%a+$") then
-    error(format("%s: bad method %s", fname, tostring(method)), 3)
+    error(format("%s: bad method %s", fname, tostring(method)), 0)
   end
   method = upper(method)
   if c and c.base_url then url = join_url(c.base_url, url) end
@@ -477,7 +521,7 @@ local function build(c, method, url, o, fname)
   scheme = scheme and lower(scheme)
   if scheme ~= "http" and scheme ~= "https" then
     error(format("%s: only http:// and https:// URLs are allowed, got '%s'",
-      fname, M.mask_url(url)), 3)
+      fname, M.mask_url(url)), 0)
   end
   local spec = { method = method, url = url }
   ctx.method, ctx.spec = method, spec
@@ -488,13 +532,13 @@ local function build(c, method, url, o, fname)
     end
     if o.verify ~= nil then
       if type(o.verify) ~= "boolean" then
-        error(fname .. ": verify must be a boolean", 3)
+        error(fname .. ": verify must be a boolean", 0)
       end
       spec.verify = o.verify
     end
     if o.output ~= nil then
       if type(o.output) ~= "string" or o.output == "" then
-        error(fname .. ": output must be a file path", 3)
+        error(fname .. ": output must be a file path", 0)
       end
       spec.output = o.output
     end
@@ -510,11 +554,12 @@ local function build(c, method, url, o, fname)
     by = by or {}
     order = order or {}
     if type(auth) ~= "table" then
-      error(fname .. ": auth must be {bearer = token} or {basic = {user, password}}", 3)
+      error(fname .. ": auth must be {bearer = token} or "
+        .. "{basic = {user, password}}", 0)
     end
     if auth.bearer ~= nil then
       local tok = scalar(auth.bearer, "auth.bearer", fname, ctx)
-      ctx.revealed[#ctx.revealed + 1] = tok
+      add_revealed(ctx, tok)
       set_header(by, order, "Authorization", "Bearer " .. tok)
     elseif type(auth.basic) == "table" then
       local b = auth.basic
@@ -522,7 +567,8 @@ local function build(c, method, url, o, fname)
       spec.password = scalar(b.password or b[2] or "", "auth.basic password",
         fname, ctx)
     else
-      error(fname .. ": auth must be {bearer = token} or {basic = {user, password}}", 3)
+      error(fname .. ": auth must be {bearer = token} or "
+        .. "{basic = {user, password}}", 0)
     end
   end
 
@@ -534,7 +580,7 @@ local function build(c, method, url, o, fname)
       local b = o.body
       if is_secret(b) then b = reveal(b) end
       if type(b) ~= "string" then
-        error(fname .. ": body must be a string (use json = value for JSON)", 3)
+        error(fname .. ": body must be a string (use json = value for JSON)", 0)
       end
       spec.body, ctype = b, "application/octet-stream"
     end
@@ -550,12 +596,12 @@ local function build(c, method, url, o, fname)
     if o.body_file ~= nil then
       n = n + 1
       if type(o.body_file) ~= "string" then
-        error(fname .. ": body_file must be a file path", 3)
+        error(fname .. ": body_file must be a file path", 0)
       end
       spec.body_file, ctype = o.body_file, "application/octet-stream"
     end
     if n > 1 then
-      error(fname .. ": give only one of body, json, form and body_file", 3)
+      error(fname .. ": give only one of body, json, form and body_file", 0)
     end
     if n == 1 then
       by = by or {}
@@ -564,6 +610,12 @@ local function build(c, method, url, o, fname)
       -- no 100-continue round trip (a second wasted on servers without it)
       set_header(by, order, "Expect", false)
     end
+  end
+  if EMPTY_BODY[method] and spec.body == nil and spec.body_file == nil then
+    -- an empty body, not curl's form Content-Type for it
+    by = by or {}
+    order = order or {}
+    set_header(by, order, "Content-Type", false)
   end
 
   if by then
@@ -579,27 +631,33 @@ local function build(c, method, url, o, fname)
     spec.headers = list
   end
 
-  local timeout = opt(o, c, "timeout")
-  spec.timeout = timeout and duration(timeout, "timeout", fname) or 0
-  local ct = opt(o, c, "connect_timeout")
-  spec.connect_timeout = ct and duration(ct, "connect_timeout", fname) or 0
-  local follow = opt(o, c, "follow_redirects")
-  spec.follow = follow and true or false
-  spec.max_redirects = check_int(opt(o, c, "max_redirects"), "max_redirects", fname, 0)
-  local ca = opt(o, c, "ca_file")
-  if ca ~= nil then
-    if type(ca) ~= "string" then error(fname .. ": ca_file must be a path", 3) end
-    spec.ca_file = ca
+  -- absent fields take core/http.c's defaults
+  local v = opt(o, c, "timeout")
+  if v ~= nil then spec.timeout = v and duration(v, "timeout", fname) or 0 end
+  v = opt(o, c, "connect_timeout")
+  if v ~= nil then
+    spec.connect_timeout = v and duration(v, "connect_timeout", fname) or 0
   end
-  spec.max_body = check_int(opt(o, c, "max_body"), "max_body", fname, 0)
-  spec.compressed = opt(o, c, "compressed") and true or false
-  local raise = opt(o, c, "raise")
-  spec.raise = raise ~= false
+  v = opt(o, c, "follow_redirects")
+  if v ~= nil then spec.follow = v and true or false end
+  v = opt(o, c, "max_redirects")
+  if v ~= nil then spec.max_redirects = check_int(v, "max_redirects", fname, 0) end
+  v = opt(o, c, "ca_file")
+  if v ~= nil then
+    if type(v) ~= "string" then error(fname .. ": ca_file must be a path", 0) end
+    spec.ca_file = v
+  end
+  v = opt(o, c, "max_body")
+  if v ~= nil then spec.max_body = check_int(v, "max_body", fname, 0) end
+  v = opt(o, c, "compressed")
+  if v ~= nil then spec.compressed = v and true or false end
+  v = opt(o, c, "raise")
+  if v ~= nil then spec.raise = v ~= false end
   local expect = opt(o, c, "expect")
   if expect ~= nil then
     if math.type(expect) == "integer" then expect = { expect } end
     if type(expect) ~= "table" or #expect == 0 then
-      error(fname .. ": expect must be a status or a list of statuses", 3)
+      error(fname .. ": expect must be a status or a list of statuses", 0)
     end
     local set = {}
     for i = 1, #expect do
@@ -627,15 +685,20 @@ end
 ---------------------------------------------------------------------------
 -- sending
 
-local function acceptable(status, ctx)
-  if ctx.expect then return ctx.expect[status] == true end
-  return status < 400
-end
-
 local function log_debug(ctx, res, err, t0)
   local what = res and tostring(res.status) or tostring(err.code)
   rbe.log("debug", "http %s %s -> %s (%.1f ms)", ctx.method,
     M.mask_url(ctx.spec.url), what, (now() - t0) * 1000)
+end
+
+-- res from core.request's values (see req_push in core/http.c)
+local function response(ctx, attempt, status, reason, url, body, size, h, t,
+                        redirects, version, output, excerpt)
+  return setmetatable({ status = status, reason = reason, url = url,
+    body = body, size = size, _h = h, _t = t, redirects = redirects,
+    http_version = version, output = output, _excerpt = excerpt,
+    method = ctx.method, ok = status < 400, attempts = attempt, _ctx = ctx },
+    Response)
 end
 
 local function send(spec, ctx)
@@ -644,19 +707,23 @@ local function send(spec, ctx)
   while true do
     attempt = attempt + 1
     local t0 = debug and now()
-    local res, err = request_core(spec)
+    local res, err
+    local status, e2, u, body, size, h, t, redirects, version, output, excerpt =
+      request_core(spec)
+    if status then
+      res = response(ctx, attempt, status, e2, u, body, size, h, t, redirects,
+        version, output, excerpt)
+    else
+      err = e2
+    end
     local give_back
     if res then
-      res.method = ctx.method
-      res._ctx = ctx
-      res.attempts = attempt
-      setmetatable(res.headers, Headers)
-      setmetatable(res, Response)
-      local good = acceptable(res.status, ctx)
-      res.ok = res.status < 400
+      local good
+      if ctx.expect then good = ctx.expect[status] == true
+      else good = status < 400 end
       if not good then
-        if spec.raise then err = status_error(res, ctx)
-        elseif RETRY_STATUS[res.status] then give_back = res
+        if spec.raise ~= false then err = status_error(res, ctx)
+        elseif RETRY_STATUS[status] then give_back = res
         else return res end
       else
         if debug then log_debug(ctx, res, nil, t0) end
@@ -667,8 +734,9 @@ local function send(spec, ctx)
     end
     if debug then log_debug(ctx, res, err, t0) end
     -- another attempt?
+    local retries = ctx.retries or 0
     local retryable = give_back and true or err.retryable
-    if not retryable or attempt > ctx.retries or not ctx.can_retry then
+    if not retryable or attempt > retries or not ctx.can_retry then
       if give_back then return give_back end
       err.attempts = attempt
       error(err, 0)
@@ -687,7 +755,7 @@ local function send(spec, ctx)
     end
     rbe.log("info", "http %s %s: %s; retry %d/%d in %.2fs", ctx.method,
       M.mask_url(spec.url), res and tostring(res.status) or tostring(err.code),
-      attempt, ctx.retries, delay)
+      attempt, retries, delay)
     sleep(delay)
   end
 end
@@ -716,7 +784,9 @@ for _, m in ipairs(SHORT) do
     if o and o.method ~= nil and upper(o.method) ~= METHOD then
       error(fname .. ": method option conflicts with " .. fname, 2)
     end
-    if o and o.url ~= nil then error(fname .. ": give the url as the first argument", 2) end
+    if o and o.url ~= nil then
+      error(fname .. ": give the url as the first argument", 2)
+    end
     return do_request(nil, METHOD, url, o, fname)
   end
 end
@@ -752,7 +822,9 @@ function M.client(o)
   end
   local opts = {}
   for k, v in pairs(o) do
-    if k ~= "base_url" and k ~= "headers" and k ~= "max_per_host" then opts[k] = v end
+    if k ~= "base_url" and k ~= "headers" and k ~= "max_per_host" then
+      opts[k] = v
+    end
   end
   next_client = next_client + 1
   return setmetatable({ base_url = base, max_per_host = mph, _headers = o.headers,
@@ -773,7 +845,9 @@ for _, m in ipairs(SHORT) do
     if o and o.method ~= nil and upper(o.method) ~= METHOD then
       error(fname .. ": method option conflicts with " .. fname, 2)
     end
-    if o and o.url ~= nil then error(fname .. ": give the url as the first argument", 2) end
+    if o and o.url ~= nil then
+      error(fname .. ": give the url as the first argument", 2)
+    end
     return do_request(self, METHOD, url, o, fname)
   end
 end
