@@ -177,29 +177,55 @@ function M.all(fns)
   return unpack(first_results(tasks, n), 1, n)
 end
 
+-- Turn what a function raised into an error object with a traceback.
+local function traced(e)
+  if type(e) == "table" then
+    if aux.is_error(e) and e.traceback == nil then e.traceback = debug.traceback("", 2) end
+    return e
+  end
+  local obj = aux.error("lua", tostring(e))
+  obj.traceback = debug.traceback("", 2)
+  return obj
+end
+
 -- rbe.parallel(fns, {limit = N}) -> results (array, results.n), at most N
 -- running at once; the first failure cancels the rest and is raised.
+-- N worker tasks take the functions in order, so the cost per function
+-- does not grow with N.
 function M.parallel(fns, opts)
   local n = check_fns(fns, "rbe.parallel")
   local limit = opts and opts.limit or math.max(n, 1)
   if math.type(limit) ~= "integer" or limit < 1 then
     error("rbe.parallel: limit must be a positive integer", 2)
   end
-  local tasks, running, next_i = {}, {}, 1
-  supervise(tasks, function()
-    while next_i <= n or #running > 0 do
-      while next_i <= n and #running < limit do
-        local t = core.spawn(fns[next_i])
-        tasks[next_i] = t
-        running[#running + 1] = t
-        next_i = next_i + 1
+  local results = { n = n }
+  local next_i, failure = 1, nil
+  local function worker()
+    while not failure and next_i <= n do
+      local i = next_i
+      next_i = i + 1
+      local ok, v = xpcall(fns[i], traced)
+      if not ok then
+        failure = failure or v
+        error(v, 0)
       end
-      local i = core.wait_any(running)
-      local t = table.remove(running, i)
-      if failed(t) then error(t:error(), 0) end
+      results[i] = v
+    end
+  end
+  local workers = {}
+  for w = 1, math.min(limit, n) do workers[w] = core.spawn(worker) end
+  supervise(workers, function()
+    while true do
+      local live = {}
+      for _, t in ipairs(workers) do
+        if failed(t) then error(failure or t:error(), 0) end
+        if not t:done() then live[#live + 1] = t end
+      end
+      if #live == 0 then return end
+      core.wait_any(live)
     end
   end)
-  return first_results(tasks, n)
+  return results
 end
 
 -- rbe.race{f1, f2, ...} -> the results of the first function to finish
