@@ -16,7 +16,11 @@ for p in $PKGS; do
     missing="$missing $p"
   fi
 done
-[ -z "$missing" ] && exit 0
+npm_fixtures() {
+  # the npm packages of the test fixtures and the drill (bullmq, bull, pm2)
+  "$(dirname "$0")/../tests/fixtures/npm-install.sh"
+}
+if [ -z "$missing" ]; then npm_fixtures; exit 0; fi
 
 echo "rbe deps: installing$missing"
 SUDO=""
@@ -29,3 +33,4 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q
 # shellcheck disable=SC2086
 $SUDO apt-get install -y -q --no-install-recommends $missing
+npm_fixtures
