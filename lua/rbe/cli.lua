@@ -15,6 +15,7 @@ commands:
   resume RUN_ID        continue a crashed or interrupted run
   history              list runs
   show RUN_ID          a run's report and journal
+  watch FILE           run a playbook when its trigger fires
   repl                 the live incident console
   version              print rbe's version and those of its libraries
   help [COMMAND]       show this help, or a command's (also: exit-codes)
@@ -84,6 +85,11 @@ function M.main(argv)
     return 0
   end
   if cmd == "version" or cmd == "--version" or cmd == "-v" then return version() end
+  if cmd == "watch" then
+    local args = {}
+    for i = 2, #argv do args[#args + 1] = argv[i] end
+    return require("rbe.watch").main(args)
+  end
   if cmd == "repl" then
     local args = {}
     for i = 2, #argv do args[#args + 1] = argv[i] end

@@ -32,7 +32,7 @@ local PENDING = {}   -- metatable of `pb.step "name"` before its body
 
 local FIELDS = {
   playbook = { budget = 1, budget_mode = 1, vars = 1, on_failure = 1,
-               description = 1, owner = 1 },
+               description = 1, owner = 1, trigger = 1, notify = 1 },
   phase = { budget = 1, budget_mode = 1, description = 1 },
   parallel = { limit = 1, name = 1 },
   step = { run = "function", undo = "function", check = "function",
