@@ -7,6 +7,7 @@
 #include "task.h"
 
 #include <lualib.h>
+#include <dlfcn.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -187,20 +188,22 @@ static void push_libdir(lua_State *L) {
   lua_pushliteral(L, ".");
 }
 
-/* package.preload entry: open <libdir>/<file>.so, call luaopen_rbe_<file> */
+/* package.preload entry: open <libdir>/<file>.so, call luaopen_rbe_<file>.
+ * The library is opened RTLD_NODELETE: it stays mapped after lua_close,
+ * when main's last uv_run still calls the close callbacks of its handles. */
 static int lazy_open(lua_State *L) {
   const char *file = lua_tostring(L, lua_upvalueindex(1));
-  lua_getglobal(L, "package");
-  lua_getfield(L, -1, "loadlib");
   push_libdir(L);
-  lua_pushfstring(L, "%s/%s.so", lua_tostring(L, -1), file);
-  lua_remove(L, -2);
+  const char *path = lua_pushfstring(L, "%s/%s.so", lua_tostring(L, -1), file);
+  void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
+  if (!lib)
+    return luaL_error(L, "cannot load rbe's %s module (RBE_LIBDIR): %s", file,
+                      dlerror());
   lua_pushfstring(L, "luaopen_rbe_%s", file);
-  lua_call(L, 2, 2);
-  if (lua_isnil(L, -2))
-    return luaL_error(L, "cannot load rbe's %s module (RBE_LIBDIR): %s",
-                      file, lua_tostring(L, -1));
-  lua_pop(L, 1);
+  lua_CFunction open = (lua_CFunction)dlsym(lib, lua_tostring(L, -1));
+  if (!open)
+    return luaL_error(L, "%s has no %s", path, lua_tostring(L, -1));
+  lua_pushcfunction(L, open);
   lua_pushvalue(L, 1);
   lua_call(L, 1, 1);
   return 1;
