@@ -46,7 +46,8 @@ local M = {}
 M.null = CNULL
 M._VERSION = cjson._VERSION
 
-local ARRAY = { __name = "rbe.json.array" }
+-- __jsontype is what rbe.pg's JSON encoder reads: one marker for both
+local ARRAY = { __name = "rbe.json.array", __jsontype = "array" }
 M._array_mt = ARRAY
 
 -- a placeholder nobody sends by accident: letters and digits only, so
