@@ -10,6 +10,7 @@ local proc = require "rbe.proc"
 local fs = require "rbe.fs"
 
 local RBE, N = arg[1], tonumber(arg[2] or 1000)
+if RBE:sub(1, 1) ~= "/" then RBE = rbe.whoami().cwd .. "/" .. RBE end
 local dir = fs.tmpdir("rbe-bench-pb-")
 
 local function write(name, text) fs.write(dir .. "/" .. name, text) return dir .. "/" .. name end

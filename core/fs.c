@@ -462,8 +462,10 @@ static int fs_append(lua_State *L) {
   step = "write";
   if (write_all(fd, data, len) < 0) { err = errno; goto cleanup; }
   if (sync) {
+    /* fdatasync: the data and the new size reach the disk; the timestamps
+     * are not worth a second flush at every journal step boundary */
     step = "fsync";
-    if (fsync(fd) < 0) { err = errno; goto cleanup; }
+    if (fdatasync(fd) < 0) { err = errno; goto cleanup; }
     step = "fsync directory";
     if (created && fsync_parent(path) < 0) { err = errno; goto cleanup; }
   }
