@@ -72,28 +72,33 @@ static void install_signals(void) {
 static int file_exists(const char *p) { return access(p, R_OK) == 0; }
 static int bytecode_searcher(lua_State *L);
 
+/* The directory of the rbe executable into buf; 0, or -1 if unknown. */
+static int exe_dir(char *buf, size_t size) {
+  size_t n = size;
+  if (uv_exepath(buf, &n) != 0) return -1;
+  char *slash = strrchr(buf, '/');
+  if (!slash) return -1;
+  *slash = 0;
+  return 0;
+}
+
 /* Find the directory holding lua/rbe/init.lua: $RBE_PATH, then
  * <exe>/../share/rbe (installed and build tree), then the source tree. */
 static void push_root(lua_State *L) {
   const char *env = getenv("RBE_PATH");
   if (env && *env) { lua_pushstring(L, env); return; }
   char exe[4096];
-  size_t n = sizeof exe;
-  if (uv_exepath(exe, &n) == 0) {
-    char *slash = strrchr(exe, '/');
-    if (slash) {
-      *slash = 0;
-      char probe[4200];
-      snprintf(probe, sizeof probe, "%s/../share/rbe/lua/rbe/init.lua", exe);
-      if (file_exists(probe)) {
-        lua_pushfstring(L, "%s/../share/rbe", exe);
-        return;
-      }
-      snprintf(probe, sizeof probe, "%s/../lua/rbe/init.lua", exe);
-      if (file_exists(probe)) {
-        lua_pushfstring(L, "%s/..", exe);
-        return;
-      }
+  if (exe_dir(exe, sizeof exe) == 0) {
+    char probe[4200];
+    snprintf(probe, sizeof probe, "%s/../share/rbe/lua/rbe/init.lua", exe);
+    if (file_exists(probe)) {
+      lua_pushfstring(L, "%s/../share/rbe", exe);
+      return;
+    }
+    snprintf(probe, sizeof probe, "%s/../lua/rbe/init.lua", exe);
+    if (file_exists(probe)) {
+      lua_pushfstring(L, "%s/..", exe);
+      return;
     }
   }
   lua_pushstring(L, RBE_SOURCE_DIR);
@@ -176,14 +181,9 @@ static void push_libdir(lua_State *L) {
   const char *env = getenv("RBE_LIBDIR");
   if (env && *env) { lua_pushstring(L, env); return; }
   char exe[4096];
-  size_t n = sizeof exe;
-  if (uv_exepath(exe, &n) == 0) {
-    char *slash = strrchr(exe, '/');
-    if (slash) {
-      *slash = 0;
-      lua_pushfstring(L, "%s/../lib/rbe", exe);
-      return;
-    }
+  if (exe_dir(exe, sizeof exe) == 0) {
+    lua_pushfstring(L, "%s/../lib/rbe", exe);
+    return;
   }
   lua_pushliteral(L, ".");
 }

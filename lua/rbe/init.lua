@@ -142,10 +142,21 @@ local function failed(t)
   return st == "failed" or st == "cancelled"
 end
 
--- Run body(); if it raises (a child failed, or we were cancelled or timed
--- out), cancel every task, let them unwind, and re-raise.
-local function supervise(tasks, body)
-  local ok, err = pcall(body)
+-- Wait until every task has finished; the first failure (first_error()
+-- or the failed task's own error) cancels the rest, lets them unwind and
+-- is re-raised, as is our own cancellation or timeout.
+local function await_all(tasks, first_error)
+  local ok, err = pcall(function()
+    while true do
+      local live = {}
+      for _, t in ipairs(tasks) do
+        if failed(t) then error(first_error and first_error() or t:error(), 0) end
+        if not t:done() then live[#live + 1] = t end
+      end
+      if #live == 0 then return end
+      core.wait_any(live)
+    end
+  end)
   if not ok then
     cancel_and_settle(tasks)
     error(err, 0)
@@ -163,17 +174,7 @@ function M.all(fns)
   local n = check_fns(fns, "rbe.all")
   local tasks = {}
   for i = 1, n do tasks[i] = core.spawn(fns[i]) end
-  supervise(tasks, function()
-    while true do
-      local live = {}
-      for _, t in ipairs(tasks) do
-        if failed(t) then error(t:error(), 0) end
-        if not t:done() then live[#live + 1] = t end
-      end
-      if #live == 0 then return end
-      core.wait_any(live)
-    end
-  end)
+  await_all(tasks)
   return unpack(first_results(tasks, n), 1, n)
 end
 
@@ -214,17 +215,7 @@ function M.parallel(fns, opts)
   end
   local workers = {}
   for w = 1, math.min(limit, n) do workers[w] = core.spawn(worker) end
-  supervise(workers, function()
-    while true do
-      local live = {}
-      for _, t in ipairs(workers) do
-        if failed(t) then error(failure or t:error(), 0) end
-        if not t:done() then live[#live + 1] = t end
-      end
-      if #live == 0 then return end
-      core.wait_any(live)
-    end
-  end)
+  await_all(workers, function() return failure end)
   return results
 end
 
