@@ -23,11 +23,7 @@ local function key_stats(key)
   return stats().keys[key] or { requests = 0, max_inflight = 0, times = {} }
 end
 
-local function raises(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return err
-end
+local raises = require("support").raises
 
 local function sha256(path)
   return (proc.run({ "sha256sum", path }).stdout:match("^(%x+)"))

@@ -21,11 +21,7 @@ local function connect(opts)
   return pg.connect(URL, o)
 end
 
-local function raises(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return err
-end
+local raises = require("support").raises
 
 local function wait_until(f, secs, what)
   local deadline = rbe.now() + (secs or 10)
@@ -899,14 +895,7 @@ describe("#pg private server", function()
     return proc.run(cmd, { cwd = "/", timeout = "60s", stdout = "null", stderr = "null" })
   end
 
-  local function file_kv(path)
-    local t = {}
-    for line in fs.lines(path) do
-      local k, v = line:match("^([%w_]+)=(.*)$")
-      if k then t[k] = v end
-    end
-    return t
-  end
+  local file_kv = require("support").read_kv
 
   setup(function()
     dir = fs.tmpdir("rbe-pg-spec")

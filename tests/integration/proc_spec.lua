@@ -64,11 +64,7 @@ local function zombies_of(pid)
   return z
 end
 
-local function raises(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return err
-end
+local raises = require("support").raises
 
 describe("#proc proc.run and proc.sh", function()
   it("captures stdout, stderr, exit code, pid and elapsed", function()

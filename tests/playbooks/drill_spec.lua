@@ -26,14 +26,7 @@ local function drill(script, dir, env)
     { check = false, timeout = "120s", env = env })
 end
 
-local function read_kv(path)
-  local t = {}
-  for line in fs.lines(path) do
-    local k, v = line:match("^([%w_]+)=(.*)$")
-    if k then t[k] = v end
-  end
-  return t
-end
+local read_kv = require("support").read_kv
 
 local function psql(sql, opts)
   return proc.run({ E.DRILL_PG_BINDIR .. "/psql", "-X", "-At", "-q", "-v", "ON_ERROR_STOP=1",

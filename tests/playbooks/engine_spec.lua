@@ -6,7 +6,7 @@ local proc = require "rbe.proc"
 local fs = require "rbe.fs"
 local cjson = require "cjson"
 
-local RBE = os.getenv("RBE_BIN") or (rbe.whoami().cwd .. "/build/bin/rbe")
+local RBE = require("support").rbe_bin()
 
 local dir
 local function path(name) return dir .. "/" .. name end

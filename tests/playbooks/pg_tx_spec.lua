@@ -6,7 +6,7 @@ local fs = require "rbe.fs"
 local pg = require "rbe.pg"
 local cjson = require "cjson"
 
-local RBE = os.getenv("RBE_BIN") or (rbe.whoami().cwd .. "/build/bin/rbe")
+local RBE = require("support").rbe_bin()
 
 describe("#pg #playbook pg_tx", function()
   local dir, admin, dbname, url
