@@ -80,6 +80,7 @@ function M.main(argv)
     local topic = argv[2]
     if not topic then io.write(USAGE) return 0 end
     local text = HELP[topic] or require("rbe.pbcli").HELP[topic]
+    if not text and topic == "watch" then text = require("rbe.watch").HELP end
     if not text then return usage_error("no such command: " .. topic) end
     io.write(text)
     return 0

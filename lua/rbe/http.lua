@@ -174,6 +174,13 @@ local function scrub(text, secrets)
   return text
 end
 
+-- A URL as it may be shown: masked, and with every secret this request
+-- revealed (a webhook URL given as rbe.secret has its secret in the path)
+-- scrubbed out.
+local function shown_url(ctx, url)
+  return scrub(M.mask_url(url), request_secrets(ctx))
+end
+
 ---------------------------------------------------------------------------
 -- encoding
 
@@ -409,7 +416,7 @@ M._retry_after = retry_after
 
 local function status_error(res, ctx)
   local secrets = request_secrets(ctx)
-  local url = M.mask_url(res.url ~= "" and res.url or ctx.spec.url)
+  local url = shown_url(ctx, res.url ~= "" and res.url or ctx.spec.url)
   local body = scrub(excerpt_of(res.body or res._excerpt), secrets)
   local e = aux.error("http", scrub(format("%s %s -> %d%s%s", ctx.method, url,
     res.status, res.reason ~= "" and (" " .. res.reason) or "",
@@ -426,7 +433,7 @@ end
 
 local function transport_error(err, ctx)
   local secrets = request_secrets(ctx)
-  local url = M.mask_url(ctx.spec.url)
+  local url = shown_url(ctx, ctx.spec.url)
   err.message = scrub(format("%s %s: %s", ctx.method, url, err.message), secrets)
   err.method = ctx.method
   err.url = url
@@ -508,6 +515,9 @@ local function build(c, method, url, o, fname)
   if is_secret(url) then
     url = reveal(url)
     add_revealed(ctx, url)
+    -- servers echo paths (error pages): the path of a secret URL is secret
+    local path = type(url) == "string" and match(url, "^%a[%w+.-]*://[^/]+(/[^?#]+)")
+    if path and #path >= 8 then add_revealed(ctx, path) end
   end
   if type(url) ~= "string" or url == "" then
     error(format("%s: url must be a string, got %s", fname, type(url)), 0)
@@ -688,7 +698,7 @@ end
 local function log_debug(ctx, res, err, t0)
   local what = res and tostring(res.status) or tostring(err.code)
   rbe.log("debug", "http %s %s -> %s (%.1f ms)", ctx.method,
-    M.mask_url(ctx.spec.url), what, (now() - t0) * 1000)
+    shown_url(ctx, ctx.spec.url), what, (now() - t0) * 1000)
 end
 
 -- res from core.request's values (see req_push in core/http.c)
@@ -754,7 +764,7 @@ local function send(spec, ctx)
       delay = max(delay, ra)
     end
     rbe.log("info", "http %s %s: %s; retry %d/%d in %.2fs", ctx.method,
-      M.mask_url(spec.url), res and tostring(res.status) or tostring(err.code),
+      shown_url(ctx, spec.url), res and tostring(res.status) or tostring(err.code),
       attempt, retries, delay)
     sleep(delay)
   end

@@ -69,6 +69,7 @@ function M.render(run)
   add("| Budget | ", run.budget and fmt_dur(run.budget) or "none", ", used ",
       fmt_dur(run.duration or 0), " |")
   add("")
+  M.render_trigger(run, add)
   if #run.phases > 0 then
     add("## Phases", "\n")
     add("| phase | budget | actual |")
@@ -155,6 +156,39 @@ function M.render(run)
   for _, t in ipairs(todo) do add(t) end
   add("")
   return table.concat(b, "\n")
+end
+
+-- What fired the run (`rbe watch`): the trigger's evidence, masked.  Kept
+-- apart from render() (see the hooks at the end of rbe.runner).
+function M.render_trigger(run, add)
+  local t = run.trigger
+  if t == nil then return end
+  local journal = require "rbe.journal"
+  t = journal.sanitize(t, run.mask)
+  add("## Trigger", "\n")
+  if type(t) ~= "table" then
+    add("- ", (tostring(t):gsub("\n", " ")))
+    add("")
+    return
+  end
+  if t.fired_at then add("- Fired at ", tostring(t.fired_at)) end
+  if t.description then add("- Trigger: ", tostring(t.description)) end
+  if t.reason then add("- Evidence: ", (tostring(t.reason):gsub("\n", " "))) end
+  local checks = type(t.checks) == "table" and t.checks or {}
+  for i, c in ipairs(checks) do
+    local text = type(c) == "table" and (c.reason or c.evidence or c.at) or c
+    if type(text) == "table" then
+      local ok, s = pcall(require("cjson").encode, text)
+      text = ok and s or "?"
+    end
+    add("- Check ", tostring(i), (type(c) == "table" and c.at) and (" at " .. tostring(c.at)) or "",
+        ": ", (tostring(text):gsub("\n", " ")))
+  end
+  if not t.reason and #checks == 0 then
+    local ok, s = pcall(require("cjson").encode, t)
+    add("- ", ok and s or "?")
+  end
+  add("")
 end
 
 function M.write(run)

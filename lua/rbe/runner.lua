@@ -501,6 +501,7 @@ function Run:exec_phase(node, scope)
   rec.duration = rbe.now() - t0
   self:emit({ ev = "phase_end", phase = node.name, duration = rec.duration,
               ok = ok }, false)
+  if ok then self:hook_notify("progress", { phase = node.name }) end
   if not ok then error(err, 0) end
 end
 
@@ -585,7 +586,8 @@ function Run:lock()
     local ok, h = pcall(require("cjson").decode, holder or "")
     if ok and type(h) == "table" then
       return nil, ("playbook %s is being run by %s@%s (pid %s, run %s) since %s")
-        :format(abs, tostring(h.user), tostring(h.host), tostring(h.pid),
+        :format(abs, tostring(h.user), tostring(h.host),
+                tostring(math.tointeger(h.pid) or h.pid),
                 tostring(h.run_id), tostring(h.since))
     end
     return nil, "playbook " .. abs .. " is locked by another run"
@@ -632,6 +634,7 @@ function Run:execute()
     user = self.user, login = self.who.user, host = self.who.host, pid = self.who.pid,
     reason = opts.reason, vars = pb.display_vars(book), budget = self.budget,
     total_steps = #book.order, resumed = resumed or nil, rbe = rbe.version }, true)
+  self:hook_start()
   local ticker = self.progress:start()
   local root_scope = { label = "run", budget = self.budget,
                        budget_mode = book.root.budget_mode or "fail" }
@@ -680,6 +683,7 @@ function Run:execute()
     if not rok then io.stderr:write("rbe: could not write the report: ", tostring(rerr), "\n") end
     if not opts.json then report.summary(self, io.stderr) end
   end)
+  self:hook_notify(code == M.EXIT.ok and "done" or "failed")
   self.lockfile:release()
   return code
 end
@@ -831,6 +835,84 @@ function M.plan_text(book, opts)
     end
   end
   return table.concat(out, "\n") .. "\n"
+end
+
+---------------------------------------------------------------------------
+-- hooks for `rbe watch` and notifications (lua/rbe/watch.lua,
+-- modules/notify.lua).  Kept apart from the runner proper:
+--   opts.trigger       what fired the run (rbe watch): a `trigger` event
+--                      right after run_start, and the report's "Trigger"
+--   book.root.notify   function(kind, info), e.g. notify.on_run{...}:
+--                      called with "started" (after run_start),
+--                      "progress" (a phase ended well) and "done" /
+--                      "failed" (after the report); it may wait (at most
+--                      opts.notify_timeout, 60 s; the end even after
+--                      Ctrl-C) and its failures are journaled (`notify`
+--                      events), never failing the run.
+
+function Run:hook_start()
+  -- who and why, for steps that tell people (notify.step)
+  self.ctx.user, self.ctx.reason = self.user, self.opts.reason and self.mask(self.opts.reason)
+  if self.opts.trigger ~= nil then
+    self.trigger = self.opts.trigger
+    self:emit({ ev = "trigger", trigger = self.opts.trigger }, true)
+  end
+  self:hook_notify("started")
+end
+
+function Run:hook_info(kind, extra)
+  local done = 0
+  for _, node in ipairs(self.book.order) do
+    local st = self.status[node.name]
+    if st == "ok" or st == "skipped" then done = done + 1 end
+  end
+  local info = {
+    kind = kind, playbook = self.book.name, path = self.book.path, run_id = self.run_id,
+    reason = self.opts.reason and self.mask(self.opts.reason), user = self.user,
+    host = self.who.host, budget = self.budget, steps_done = done,
+    steps_total = #self.book.order, resumed = self.prev ~= nil or nil,
+    elapsed = self.t0 and (rbe.now() - self.t0 + (self.prev and self.prev.used or 0)),
+    trigger = self.trigger and journal.sanitize(self.trigger, self.mask) or nil,
+    ctx = self.ctx,
+    journal = function(fields)
+      local ev = { ev = "notify" }
+      for k, v in pairs(fields) do ev[k] = v end
+      self:emit(ev, true)
+    end,
+  }
+  if kind == "done" or kind == "failed" then
+    info.result, info.exit_code = self.status_text, self.exit_code
+    info.elapsed = self.duration or info.elapsed
+    info.step = self.failed_step or (self.undo_failed and self.undo_failed.step)
+    info.error = self.failure or (self.undo_failed and self.undo_failed.error)
+    info.report = self.run_dir and (self.run_dir .. "/report.md") or nil
+  end
+  for k, v in pairs(extra or {}) do info[k] = v end
+  return info
+end
+
+function Run:hook_notify(kind, extra)
+  local fn = self.book.root.notify
+  if fn == nil then return end
+  local mt = getmetatable(fn)
+  if type(fn) ~= "function" and not (type(mt) == "table" and mt.__call) then
+    if not self.notify_warned then
+      self.notify_warned = true
+      self:emit { ev = "warn", message = "playbook field notify must be a function "
+        .. "(such as notify.on_run{...} of modules/notify.lua); ignored" }
+    end
+    return
+  end
+  local info = self:hook_info(kind, extra)
+  local function call()
+    local ok, err = rbe.try(rbe.timeout, self.opts.notify_timeout or 60, fn, kind, info)
+    if not ok then
+      self:emit({ ev = "notify", kind = kind, ok = false, error = self.mask(errtext(err)) }, true)
+    end
+  end
+  -- the end is told even after Ctrl-C; a cancel during the others is
+  -- journaled here and stops the run at its next wait
+  if kind == "done" or kind == "failed" then rbe.shield(call) else call() end
 end
 
 M.Run = Run
