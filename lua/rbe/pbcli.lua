@@ -26,12 +26,15 @@ end
 
 local FLAGS = { yes = true, json = true, quiet = true, verbose = true,
                 no_color = true, force = true, rerun_unknown = true,
-                skip_unknown = true, no_fsync = true }
+                skip_unknown = true, no_fsync = true, once = true,
+                dry_run = true, help = true }
 local VALUES = { var = true, var_file = true, reason = true, as = true,
-                 state_dir = true }
-local SHORT = { y = "yes", q = "quiet", v = "verbose" }
+                 state_dir = true, max_checks = true }
+local SHORT = { y = "yes", q = "quiet", v = "verbose", h = "help" }
 
--- Parse options; positional arguments collected in order.
+-- Parse the options of a playbook command (run, plan, resume, history,
+-- show, watch); `allowed` lists the ones this command takes.  --var and
+-- --var-file accumulate; positional arguments are collected in order.
 local function parse(args, allowed)
   local o = { vars = {}, var_files = {}, pos = {} }
   local i = 1
@@ -76,6 +79,8 @@ local function parse(args, allowed)
   end
   return o
 end
+
+M.parse = parse
 
 local RUN_OPTS = { var = 1, var_file = 1, yes = 1, reason = 1, as = 1, json = 1,
                    quiet = 1, verbose = 1, state_dir = 1, no_color = 1, no_fsync = 1 }

@@ -43,55 +43,20 @@ holds the playbook, 130 interrupted.
 ---------------------------------------------------------------------------
 -- arguments
 
-local FLAGS = { once = true, dry_run = true, yes = true, json = true, quiet = true,
-                verbose = true, no_color = true, no_fsync = true, help = true }
-local VALUES = { var = true, var_file = true, state_dir = true, reason = true, as = true,
-                 max_checks = true }
-local SHORT = { y = "yes", q = "quiet", v = "verbose", h = "help" }
+local OPTIONS = { once = 1, dry_run = 1, yes = 1, json = 1, quiet = 1, verbose = 1,
+                 no_color = 1, no_fsync = 1, help = 1, var = 1, var_file = 1,
+                 state_dir = 1, reason = 1, as = 1, max_checks = 1 }
 
+-- The options of rbe run, plus --once, --dry-run and --max-checks N.
 local function parse(args)
-  local o = { vars = {}, var_files = {}, pos = {} }
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    local long, inline = a:match("^%-%-([%w-]+)=(.*)$")
-    long = long or a:match("^%-%-([%w-]+)$")
-    if not long and a:match("^%-(%a)$") then long = SHORT[a:sub(2)] or ("?" .. a) end
-    if a == "--" then
-      for j = i + 1, #args do o.pos[#o.pos + 1] = args[j] end
-      break
-    elseif long then
-      local key = long:gsub("-", "_")
-      if FLAGS[key] then
-        o[key] = true
-      elseif VALUES[key] then
-        local v = inline
-        if v == nil then
-          i = i + 1
-          v = args[i]
-          if v == nil then return nil, "option " .. a .. " needs a value" end
-        end
-        if key == "var" then
-          local k, val = v:match("^([%w_]+)=(.*)$")
-          if not k then return nil, "--var expects NAME=VALUE, got '" .. v .. "'" end
-          o.vars[k] = val
-        elseif key == "var_file" then
-          o.var_files[#o.var_files + 1] = v
-        elseif key == "max_checks" then
-          o.max_checks = math.tointeger(tonumber(v))
-          if not o.max_checks or o.max_checks < 1 then
-            return nil, "--max-checks expects a positive integer, got '" .. v .. "'"
-          end
-        else
-          o[key] = v
-        end
-      else
-        return nil, "unknown option " .. a
-      end
-    else
-      o.pos[#o.pos + 1] = a
+  local o, err = require("rbe.pbcli").parse(args, OPTIONS)
+  if not o then return nil, err end
+  if o.max_checks then
+    local n = math.tointeger(tonumber(o.max_checks))
+    if not n or n < 1 then
+      return nil, "--max-checks expects a positive integer, got '" .. o.max_checks .. "'"
     end
-    i = i + 1
+    o.max_checks = n
   end
   return o
 end
