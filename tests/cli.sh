@@ -86,6 +86,7 @@ rbe.sleep(30)
 LUA
 sigtest() { # NAME SIGNAL SCRIPT WANT
   local start=$SECONDS
+  rm -f "$T/out"   # else the previous test's "ready" is seen before the shell truncates it
   "$RBE" "$3" >"$T/out" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do grep -q ready "$T/out" && break; sleep 0.05; done
@@ -108,6 +109,7 @@ pcall(rbe.sleep, 30)
 io.stdout:write("caught\n"); io.stdout:flush()
 while true do end
 LUA
+rm -f "$T/out"
 "$RBE" "$T/stubborn.lua" >"$T/out" 2>&1 &
 pid=$!
 sleep 0.3; kill -INT $pid
