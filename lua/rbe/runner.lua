@@ -829,7 +829,7 @@ function M.plan_text(book, opts)
     end
     if e.plan ~= nil then
       local text = type(e.plan) == "table" and table.concat(e.plan, "\n") or tostring(e.plan)
-      for l in text:gmatch("[^\n]+") do out[#out + 1] = indent .. "    would: " .. mask(l) end
+      for l in text:gmatch("[^\n]+") do out[#out + 1] = indent .. "    -> " .. mask(l) end
     elseif e.plan_error then
       out[#out + 1] = indent .. "    plan failed: " .. mask(e.plan_error)
     end
