@@ -537,7 +537,7 @@ return pb.playbook "repl spec" {
     assert.are.equal(0, r.code, r.stderr)
     assert.truthy(r.stderr:find("a reason is required", 1, true), r.stderr)
     assert.truthy(r.stdout:find("wrote\nran\n\ntrue\nfalse\n", 1, true), r.stdout)
-    assert.truthy(r.stdout:find("would: write " .. dir .. "/marker", 1, true), r.stdout)
+    assert.truthy(r.stdout:find("-> write " .. dir .. "/marker", 1, true), r.stdout)
     assert.truthy(r.stderr:find('no step "nope"', 1, true))
     assert.truthy(r.stdout:find("| write marker     | yes  | undo ok ", 1, true), r.stdout)
     -- the journal records who and why

@@ -116,9 +116,9 @@ return pb.playbook "git" {
       tmp .. "/seen", dir .. "/VERSION"))
     local plan = proc.run({ RBE, "plan", p }, { check = false })
     assert.are.equal(0, plan.code, plan.stderr)
-    assert.truthy(plan.stdout:find("would: would check out v1 (" .. v1:sub(1, 12) .. ") in " .. dir
+    assert.truthy(plan.stdout:find("-> would check out v1 (" .. v1:sub(1, 12) .. ") in " .. dir
       .. ", now at main (" .. v2:sub(1, 12) .. ")", 1, true), plan.stdout)
-    assert.truthy(plan.stdout:find("would: would stash 1 local change(s) first", 1, true), plan.stdout)
+    assert.truthy(plan.stdout:find("-> would stash 1 local change(s) first", 1, true), plan.stdout)
     local r = proc.run({ RBE, "run", p, "--state-dir", tmp .. "/state" }, { check = false,
       timeout = "60s" })
     assert.are.equal(1, r.code, r.stderr)
@@ -245,7 +245,7 @@ return pb.playbook "pm2" {
     assert.are.equal("online", st.status)
     assert.are_not.equal(before.pid, st.pid)
     local plan = proc.run({ RBE, "plan", pbf }, { check = false })
-    assert.truthy(plan.stdout:find("would: would stop app (now online, pid " .. st.pid, 1, true), plan.stdout)
+    assert.truthy(plan.stdout:find("-> would stop app (now online, pid " .. st.pid, 1, true), plan.stdout)
   end)
 
   it("a missing pm2 is a clear error", function()

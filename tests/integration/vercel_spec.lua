@@ -358,9 +358,9 @@ describe("#vercel steps", function()
 ]])
     local r = rbe_cmd { "plan", p, "--var", "api=" .. base }
     assert.are.equal(0, r.code, r.stderr)
-    assert.truthy(r.stdout:find("would: would promote dpl_v1 (1.4.0, commit 0000010", 1, true), r.stdout)
+    assert.truthy(r.stdout:find("-> would promote dpl_v1 (1.4.0, commit 0000010", 1, true), r.stdout)
     assert.truthy(r.stdout:find("as production of web", 1, true), r.stdout)
-    assert.truthy(r.stdout:find("would: production is now dpl_v2 (2.0.0", 1, true), r.stdout)
+    assert.truthy(r.stdout:find("-> production is now dpl_v2 (2.0.0", 1, true), r.stdout)
     assert.truthy(r.stdout:find("token=***", 1, true), r.stdout)
     assert.falsy(r.stdout:find(TOKEN, 1, true))
     for _, c in ipairs(calls()) do assert.are.equal("GET", c.method) end
