@@ -21,6 +21,7 @@
 --
 -- See docs/modules/backup.md.
 local rbe = require "rbe"
+local kit = require "rbe.stepkit"
 local fs = require "rbe.fs"
 local proc = require "rbe.proc"
 
@@ -40,16 +41,7 @@ local function berror(code, msg, fields)
   return e
 end
 
-local function check_fields(t, known, fname, level)
-  if t == nil then return {} end
-  if type(t) ~= "table" then error(fname .. ": options table expected", (level or 2) + 1) end
-  for k in pairs(t) do
-    if not known[k] then
-      error(format("%s: unknown option '%s'", fname, tostring(k)), (level or 2) + 1)
-    end
-  end
-  return t
-end
+local check_fields = kit.check_fields
 
 local function mask(s)
   return (tostring(s):gsub("(%a[%w+.-]*://[^/:@%s]*):[^@/%s]+@", "%1:***@")
@@ -524,21 +516,10 @@ end
 local STEP_FIELDS = { timeout = true, undo_timeout = true, retries = true, backoff = true,
   confirm = true, on_failure = true, description = true, when = true, idempotent = true }
 
-local function resolve(v, ctx)
-  if type(v) == "function" then return v(ctx) end
-  return v
-end
+local resolve = kit.resolve
 
 local function base_spec(o, known, fname)
-  if type(o) ~= "table" then error(fname .. ": options table expected", 3) end
-  for k in pairs(o) do
-    if not known[k] and not STEP_FIELDS[k] then
-      error(format("%s: unknown option '%s'", fname, tostring(k)), 3)
-    end
-  end
-  local spec = {}
-  for k in pairs(STEP_FIELDS) do spec[k] = o[k] end
-  return spec
+  return kit.base_spec(o, known, fname, STEP_FIELDS)
 end
 
 local function human_bytes(n)

@@ -16,6 +16,7 @@
 --
 -- See docs/modules/cache.md.
 local rbe = require "rbe"
+local kit = require "rbe.stepkit"
 local fs = require "rbe.fs"
 
 local type, pairs, ipairs, error, tostring, tonumber, pcall, select =
@@ -37,16 +38,7 @@ local function cerror(code, msg, fields)
   return e
 end
 
-local function check_fields(t, known, fname, level)
-  if t == nil then return {} end
-  if type(t) ~= "table" then error(fname .. ": options table expected", (level or 2) + 1) end
-  for k in pairs(t) do
-    if not known[k] then
-      error(format("%s: unknown option '%s'", fname, tostring(k)), (level or 2) + 1)
-    end
-  end
-  return t
-end
+local check_fields = kit.check_fields
 
 local function is_redis_client(v)
   return type(v) == "table" and type(v.call) == "function" and type(v.pipeline) == "function"
@@ -440,10 +432,7 @@ local STEP_FIELDS = { timeout = true, undo_timeout = true, retries = true, backo
   confirm = true, on_failure = true, description = true, when = true,
   idempotent = true }
 
-local function resolve(v, ctx)
-  if type(v) == "function" then return v(ctx) end
-  return v
-end
+local resolve = kit.resolve
 
 local function base_spec(o, known, fname)
   if type(o) ~= "table" then error(fname .. ": options table expected", 3) end

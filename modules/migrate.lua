@@ -23,6 +23,7 @@
 --
 -- See docs/modules/migrate.md.
 local rbe = require "rbe"
+local kit = require "rbe.stepkit"
 local fs = require "rbe.fs"
 
 local type, pairs, ipairs, error, tostring, tonumber, pcall =
@@ -40,16 +41,7 @@ local function merror(code, msg, fields)
   return e
 end
 
-local function check_fields(t, known, fname, level)
-  if t == nil then return {} end
-  if type(t) ~= "table" then error(fname .. ": options table expected", (level or 2) + 1) end
-  for k in pairs(t) do
-    if not known[k] then
-      error(format("%s: unknown option '%s'", fname, tostring(k)), (level or 2) + 1)
-    end
-  end
-  return t
-end
+local check_fields = kit.check_fields
 
 local function check_db(db, fname)
   if db == nil or type(db) == "string" or type(db.query) ~= "function"
@@ -620,10 +612,7 @@ end
 local STEP_FIELDS = { timeout = true, undo_timeout = true, retries = true, backoff = true,
   confirm = true, on_failure = true, description = true, when = true, idempotent = true }
 
-local function resolve(v, ctx)
-  if type(v) == "function" then return v(ctx) end
-  return v
-end
+local resolve = kit.resolve
 
 local function with_db(o, ctx, fn)
   local v = resolve(o.db, ctx)

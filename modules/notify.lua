@@ -18,6 +18,7 @@
 --
 -- See docs/modules/notify.md.
 local rbe = require "rbe"
+local kit = require "rbe.stepkit"
 local http = require "rbe.http"
 local json = require "rbe.json"
 
@@ -359,10 +360,7 @@ end
 
 local TARGET_KINDS = { slack = true, pagerduty = true, pagerduty_change = true, webhook = true }
 
-local function resolve(v, ctx)
-  if type(v) == "function" then return v(ctx) end
-  return v
-end
+local resolve = kit.resolve
 
 -- a target's config with function values resolved
 local function config_of(cfg, ctx)

@@ -26,6 +26,7 @@
 --
 -- See docs/modules/queue.md.
 local rbe = require "rbe"
+local kit = require "rbe.stepkit"
 
 local type, pairs, ipairs, error, tostring, setmetatable, getmetatable, tonumber =
   type, pairs, ipairs, error, tostring, setmetatable, getmetatable, tonumber
@@ -498,21 +499,10 @@ local STEP_FIELDS = { timeout = true, undo_timeout = true, retries = true, backo
   confirm = true, on_failure = true, description = true, when = true,
   idempotent = true }
 
-local function resolve(v, ctx)
-  if type(v) == "function" then return v(ctx) end
-  return v
-end
+local resolve = kit.resolve
 
 local function base_spec(o, known, fname)
-  if type(o) ~= "table" then error(fname .. ": options table expected", 3) end
-  for k in pairs(o) do
-    if not known[k] and not STEP_FIELDS[k] then
-      error(format("%s: unknown option '%s'", fname, tostring(k)), 3)
-    end
-  end
-  local spec = {}
-  for k in pairs(STEP_FIELDS) do spec[k] = o[k] end
-  return spec
+  return kit.base_spec(o, known, fname, STEP_FIELDS)
 end
 
 -- run fn(r) with the step's Redis: a client as given, or a connection

@@ -17,6 +17,7 @@
 --
 -- See docs/modules/service.md.
 local rbe = require "rbe"
+local kit = require "rbe.stepkit"
 local proc = require "rbe.proc"
 local fs = require "rbe.fs"
 local json = require "rbe.json"
@@ -38,10 +39,7 @@ local function check_fields(t, known, fname, level)
   end
 end
 
-local function resolve(v, ctx)
-  if type(v) == "function" then return v(ctx) end
-  return v
-end
+local resolve = kit.resolve
 
 local function serr(code, fmt, ...)
   local e = rbe.error("service", format(fmt, ...))

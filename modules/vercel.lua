@@ -18,6 +18,7 @@
 --
 -- See docs/modules/vercel.md.
 local rbe = require "rbe"
+local kit = require "rbe.stepkit"
 local http = require "rbe.http"
 local json = require "rbe.json"
 
@@ -482,10 +483,7 @@ end
 local STEP_FIELDS = { timeout = true, undo_timeout = true, retries = true, backoff = true,
   confirm = true, on_failure = true, description = true, when = true }
 
-local function resolve(v, ctx)
-  if type(v) == "function" then return v(ctx) end
-  return v
-end
+local resolve = kit.resolve
 
 local function step_client(o, ctx)
   return M.client { token = resolve(o.token, ctx), base_url = resolve(o.base_url, ctx),
