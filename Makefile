@@ -26,7 +26,7 @@ test: deps
 
 demo: deps
 	$(MAKE) build
-	$(BUILD)/bin/rbe run playbooks/demo.lua --state-dir $(BUILD)/demo-state --reason "make demo"
+	$(BUILD)/bin/rbe playbooks/demo.lua --state-dir $(BUILD)/demo-state --reason "make demo"
 
 bench: deps
 	$(MAKE) build

@@ -25,7 +25,10 @@ function M.load_chunk(path)
   if not chunk then perror(err) end
   local ok, root = pcall(chunk)
   if not ok then
-    if rbe.is_error(root) and root.kind == "playbook" then error(root, 0) end
+    -- os.exit inside the file unwinds the task: let it through
+    if rbe.is_error(root) and (root.kind == "playbook" or root.kind == "exit") then
+      error(root, 0)
+    end
     perror(rbe.is_error(root) and root.message or tostring(root))
   end
   return root, text

@@ -251,9 +251,23 @@ function Run:decide_inflight()
   return true
 end
 
+-- The ctx a step's functions see: its own step name, attempt and log, over
+-- the run's shared ctx (vars, results, run_id, run_dir...), so parallel
+-- steps never see each other's names.
+function Run:step_ctx(name, attempt)
+  local run = self
+  local view = {
+    step = name, attempt = attempt,
+    log = function(fmt, ...)
+      local msg = select("#", ...) > 0 and tostring(fmt):format(...) or tostring(fmt)
+      run:emit { ev = "log", step = name, message = msg }
+    end,
+  }
+  return setmetatable(view, { __index = self.ctx, __newindex = self.ctx })
+end
+
 function Run:call_step_fn(node, scope, attempt)
-  local ctx = self.ctx
-  ctx.step, ctx.attempt = node.name, attempt
+  local ctx = self:step_ctx(node.name, attempt)
   if node.pg_tx then
     local db = type(node.pg_tx) == "function" and node.pg_tx(ctx) or node.pg_tx
     return self:limited(node.timeout, scope, function()
@@ -274,12 +288,13 @@ function Run:call_step_fn(node, scope, attempt)
 end
 
 function Run:exec_step(node, scope)
-  local name, ctx = node.name, self.ctx
+  local name = node.name
+  local ctx = self:step_ctx(name, 0)
   if self:from_previous(node) then return end
+  self.last_step = name
   self.index = self.index + 1
   local index = self.index
   local t0 = rbe.now()
-  ctx.step = name
   local function fail(err)
     self:record_end(node, "failed", t0, err)
     local policy = node.on_failure or self.book.root.on_failure or "undo"
@@ -349,8 +364,10 @@ function Run:exec_step(node, scope)
 end
 
 function Run:exec_gate(node, scope)
-  local name, ctx = node.name, self.ctx
+  local name = node.name
+  local ctx = self:step_ctx(name, 0)
   if self:from_previous(node) then return end
+  self.last_step = name
   self.index = self.index + 1
   local t0 = rbe.now()
   if node.when then
@@ -370,7 +387,7 @@ function Run:exec_gate(node, scope)
   while true do
     polls = polls + 1
     self.attempts[name] = polls
-    ctx.step = name
+    ctx.attempt = polls
     local left = deadline - rbe.now()
     local ok, v = rbe.try(rbe.timeout, math.max(math.min(every, left), 0.001), node.check, ctx)
     if not ok and is_interrupt(v) then
@@ -413,9 +430,10 @@ function Run:exec_manual(node, scope)
   self.index = self.index + 1
   local t0 = rbe.now()
   if node.when then
-    local ok, v = rbe.try(node.when, self.ctx)
+    local ok, v = rbe.try(node.when, self:step_ctx(node.name, 0))
     if ok and not v then return self:skip(node, "condition false") end
   end
+  self.last_step = node.name
   self:emit({ ev = "step_start", step = node.name, kind = "manual", index = self.index }, true)
   self.attempts[node.name] = 1
   local ok, yes, why = rbe.try(self.confirm, self, node,
@@ -527,13 +545,13 @@ function Run:undo_all()
     local node = self.done_order[i]
     local name = node.name
     if node.undo and self.status[name] == "ok" and not (self.prev and self.prev.undone[name]) then
-      self.ctx.step = name
+      local uctx = self:step_ctx(name, 0)
       local t0 = rbe.now()
       self:emit({ ev = "undo_start", step = name }, true)
       local ok, err = rbe.try(function()
         local lim = node.undo_timeout or node.timeout
-        if lim then return rbe.timeout(lim, node.undo, self.ctx) end
-        return node.undo(self.ctx)
+        if lim then return rbe.timeout(lim, node.undo, uctx) end
+        return node.undo(uctx)
       end)
       local d = rbe.now() - t0
       if ok then
@@ -647,7 +665,7 @@ function Run:execute()
     status, code = "done", M.EXIT.ok
   elseif is_interrupt(err) or (getmetatable(err) == FAILURE and is_interrupt(err.err)) then
     status, code = "interrupted", M.EXIT.interrupted
-    self:emit({ ev = "interrupted", step = self.ctx.step }, true)
+    self:emit({ ev = "interrupted", step = self.last_step }, true)
   elseif getmetatable(err) == FAILURE then
     self.failed_step = err.node.name
     self.failure = self.mask(errtext(err.err))
