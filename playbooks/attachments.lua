@@ -247,30 +247,10 @@ local function pm2_restart()
   return spec
 end
 
--- Steps of a parallel group share the runner's ctx, and its ctx.step is
--- whichever step wrote it last: log lines (and module file names made
--- from ctx.step) would go to the wrong step.  Until the runner gives each
--- step its own ctx, every step function gets a view of ctx whose `step`
--- and `log` are its own.
-local function own_ctx(node)
-  local function view(ctx)
-    local v = { step = node.name }
-    v.log = function(...) ctx.step = node.name; return ctx.log(...) end
-    return setmetatable(v, { __index = ctx, __newindex = ctx })
-  end
-  for _, f in ipairs { "run", "undo", "check", "plan", "when" } do
-    local fn = node[f]
-    if fn and (node.kind == "step" or node.kind == "gate") then
-      node[f] = function(ctx, ...) return fn(view(ctx), ...) end
-    end
-  end
-  for _, c in ipairs(node.children or {}) do own_ctx(c) end
-  return node
-end
 
 ---------------------------------------------------------------------------
 
-return own_ctx(pb.playbook "message attachments: back to a single mediaUrl" {
+return pb.playbook "message attachments: back to a single mediaUrl" {
   description = "The message attachments runbook: revert the app, verify mediaUrl, then "
     .. "option A (clear backfilled), B (drop the schema) or C (restore the dump).",
   owner = "messaging team",
@@ -548,4 +528,4 @@ return own_ctx(pb.playbook "message attachments: back to a single mediaUrl" {
         .. "that matches before the next deploy",
     },
   },
-})
+}

@@ -159,30 +159,10 @@ local function info(name, plan, run)
     plan = type(plan) == "function" and plan or function() return "would read " .. plan end }
 end
 
--- Steps of a parallel group share the runner's ctx, and its ctx.step is
--- whichever step wrote it last: log lines (and module file names made
--- from ctx.step) would go to the wrong step.  Until the runner gives each
--- step its own ctx, every step function gets a view of ctx whose `step`
--- and `log` are its own.
-local function own_ctx(node)
-  local function view(ctx)
-    local v = { step = node.name }
-    v.log = function(...) ctx.step = node.name; return ctx.log(...) end
-    return setmetatable(v, { __index = ctx, __newindex = ctx })
-  end
-  for _, f in ipairs { "run", "undo", "check", "plan", "when" } do
-    local fn = node[f]
-    if fn and (node.kind == "step" or node.kind == "gate") then
-      node[f] = function(ctx, ...) return fn(view(ctx), ...) end
-    end
-  end
-  for _, c in ipairs(node.children or {}) do own_ctx(c) end
-  return node
-end
 
 ---------------------------------------------------------------------------
 
-return own_ctx(pb.playbook "emergency: back to the last stable commit" {
+return pb.playbook "emergency: back to the last stable commit" {
   description = "The generic emergency rollback runbook: information, pause queues, "
     .. "checkout, install, build, restart, health, resume queues gradually, flush caches.",
   owner = "whoever is on call",
@@ -420,4 +400,4 @@ return own_ctx(pb.playbook "emergency: back to the last stable commit" {
     end)()),
     pb.manual "post in the incident channel: rolled back to the stable commit; open the post-mortem",
   },
-})
+}

@@ -426,30 +426,10 @@ local function slack_step(o)
   return spec
 end
 
--- Steps of a parallel group share the runner's ctx, and its ctx.step is
--- whichever step wrote it last: log lines (and module file names made
--- from ctx.step) would go to the wrong step.  Until the runner gives each
--- step its own ctx, every step function gets a view of ctx whose `step`
--- and `log` are its own.
-local function own_ctx(node)
-  local function view(ctx)
-    local v = { step = node.name }
-    v.log = function(...) ctx.step = node.name; return ctx.log(...) end
-    return setmetatable(v, { __index = ctx, __newindex = ctx })
-  end
-  for _, f in ipairs { "run", "undo", "check", "plan", "when" } do
-    local fn = node[f]
-    if fn and (node.kind == "step" or node.kind == "gate") then
-      node[f] = function(ctx, ...) return fn(view(ctx), ...) end
-    end
-  end
-  for _, c in ipairs(node.children or {}) do own_ctx(c) end
-  return node
-end
 
 ---------------------------------------------------------------------------
 
-return own_ctx(pb.playbook "phase 2: roll release 2.0.0 back to 1.4.0" {
+return pb.playbook "phase 2: roll release 2.0.0 back to 1.4.0" {
   description = "The Phase 2 rollback runbook: application, database, environment, "
     .. "restart and smoke tests, communication; within 15 minutes.",
   owner = "platform on-call",
@@ -913,4 +893,4 @@ return own_ctx(pb.playbook "phase 2: roll release 2.0.0 back to 1.4.0" {
     pb.manual "status page: 'Resolved: release 2.0.0 rolled back to 1.4.0'",
     pb.manual "stakeholders: send the summary (the run's report.md)",
   },
-})
+}

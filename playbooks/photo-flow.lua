@@ -208,30 +208,10 @@ local function pm2_restart()
   return spec
 end
 
--- Steps of a parallel group share the runner's ctx, and its ctx.step is
--- whichever step wrote it last: log lines (and module file names made
--- from ctx.step) would go to the wrong step.  Until the runner gives each
--- step its own ctx, every step function gets a view of ctx whose `step`
--- and `log` are its own.
-local function own_ctx(node)
-  local function view(ctx)
-    local v = { step = node.name }
-    v.log = function(...) ctx.step = node.name; return ctx.log(...) end
-    return setmetatable(v, { __index = ctx, __newindex = ctx })
-  end
-  for _, f in ipairs { "run", "undo", "check", "plan", "when" } do
-    local fn = node[f]
-    if fn and (node.kind == "step" or node.kind == "gate") then
-      node[f] = function(ctx, ...) return fn(view(ctx), ...) end
-    end
-  end
-  for _, c in ipairs(node.children or {}) do own_ctx(c) end
-  return node
-end
 
 ---------------------------------------------------------------------------
 
-return own_ctx(pb.playbook "photo-first: switch the feature off, keep the photos" {
+return pb.playbook "photo-first: switch the feature off, keep the photos" {
   description = "The photo-first runbook: flag off, restart, prove the guard, snapshot, "
     .. "optional schema rollback with a restore function as its undo.",
   owner = "field-app team",
@@ -420,4 +400,4 @@ return own_ctx(pb.playbook "photo-first: switch the feature off, keep the photos
   },
 
   pb.manual "tell the photo-first pilot organisations the feature is paused",
-})
+}
