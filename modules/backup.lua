@@ -692,4 +692,41 @@ function M.export_step(o)
   return spec
 end
 
+-- backup.recreate(admin_url, url, path[, {bindir, log}]) -> {tables, terminated}
+-- Replace the database of `url` with the dump at `path`, for dumps of an
+-- older schema that a --clean restore cannot lay over the current one.
+-- The dump is verified first (nothing is dropped for a file pg_restore
+-- cannot read), the other sessions are terminated, the database is dropped
+-- and created again for url's user, and the dump restored into it in one
+-- transaction.  An error after the drop carries `dropped = true`.
+-- `log(fmt, ...)` (e.g. ctx.log) hears what happens.
+function M.recreate(admin_url, url, path, opts)
+  opts = check_fields(opts, { bindir = true, log = true }, "backup.recreate")
+  local log = opts.log or function() end
+  if (rbe.reveal(admin_url) or "") == "" then
+    error(berror("EINVAL", "a restore by recreating needs an admin (superuser) URL: "
+      .. "nothing was dropped"), 0)
+  end
+  local pg = require "rbe.pg"
+  local raw = rbe.reveal(url)
+  local name = raw:match("^[^/]*//[^/]*/([^?]+)") or "postgres"
+  local owner = raw:match("^[^/]*//([^@:/]+)[:@]") or "postgres"
+  local toc = M.verify(path, { bindir = opts.bindir })
+  local admin <close> = pg.connect(admin_url)
+  local killed = M.terminate_connections(admin, name)
+  log("terminated %d other session(s) on %s", killed, name)
+  admin:exec("drop database if exists " .. pg.quote_ident(name) .. " with (force)")
+  local ok, err = rbe.try(function()
+    admin:exec(("create database %s owner %s"):format(pg.quote_ident(name), pg.quote_ident(owner)))
+    local target = rbe.secret((rbe.reveal(admin_url):gsub("^([^/]*//[^/]*/)[^?]*", "%1" .. name)))
+    M.restore(target, path, { clean = false, bindir = opts.bindir })
+  end)
+  if not ok then
+    err.dropped = true
+    error(err, 0)
+  end
+  log("%s restored from %s (%d tables)", name, path, toc.tables or 0)
+  return { tables = toc.tables, terminated = killed }
+end
+
 return M

@@ -107,9 +107,6 @@ local function db(ctx)
   return pools[key]
 end
 
-local function dbname_of(url)
-  return reveal(url):match("^[^/]*//[^/]*/([^?]+)") or "postgres"
-end
 
 -- where a URL points, for people: host:port/db (no user, no password)
 local function where_db(url)
@@ -237,37 +234,11 @@ local function dump_database(ctx, name)
   return { path = d.path, bytes = d.bytes, tables = d.toc and d.toc.tables }
 end
 
--- url with another database name (the password kept, as a secret)
-local function url_for_db(url, name)
-  return rbe.secret((reveal(url):gsub("^([^/]*//[^/]*/)[^?]*", "%1" .. name)))
-end
-
--- Replace the database with a dump.  The dump is verified first (nothing
--- is dropped for a file pg_restore cannot read), the other sessions are
--- terminated (the app's pool reconnects), the database is dropped and
--- created again for its owner, and the dump is restored into it in one
--- transaction.  An error after the drop carries `dropped = true`.
+-- Replace the database with a dump of an older schema (backup.recreate:
+-- verify, terminate the other sessions, drop, create, restore).
 local function restore_database(ctx, dump)
-  if (reveal(ctx.vars.pg_admin_url) or "") == "" then
-    error(rbe.error("restore", "a restore needs pg_admin_url (a superuser): nothing was dropped"), 0)
-  end
-  local bindir = ctx.vars.pg_bindir ~= "" and ctx.vars.pg_bindir or nil
-  local toc = backup.verify(dump, { bindir = bindir })
-  local name = dbname_of(ctx.vars.pg_url)
-  local owner = reveal(ctx.vars.pg_url):match("^[^/]*//([^@:/]+)[:@]") or "postgres"
-  local admin <close> = pg.connect(ctx.vars.pg_admin_url)
-  local killed = backup.terminate_connections(admin, name)
-  ctx.log("terminated %d other session(s) on %s", killed, name)
-  admin:exec("drop database if exists " .. pg.quote_ident(name) .. " with (force)")
-  local ok, err = rbe.try(function()
-    admin:exec(format("create database %s owner %s", pg.quote_ident(name), pg.quote_ident(owner)))
-    backup.restore(url_for_db(ctx.vars.pg_admin_url, name), dump, { clean = false, bindir = bindir })
-  end)
-  if not ok then
-    err.dropped = true
-    error(err, 0)
-  end
-  ctx.log("%s restored from %s (%d tables)", name, dump, toc.tables or 0)
+  backup.recreate(ctx.vars.pg_admin_url, ctx.vars.pg_url, dump, { log = ctx.log,
+    bindir = ctx.vars.pg_bindir ~= "" and ctx.vars.pg_bindir or nil })
 end
 
 local function backup_name(ctx) return ctx.run_id .. "-before-rollback" end
