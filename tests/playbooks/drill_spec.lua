@@ -426,12 +426,13 @@ describe("#drill the drill environment", function()
     proc.run({ "npm", "run", "build" }, { cwd = dir, timeout = "60s" })
     fs.write(E.DRILL_ENV_FILE, fs.read(E.DRILL_ENV_BACKUP))
     proc.run({ "node", E.DRILL_PM2, "restart", E.DRILL_APP_NAME }, { env = env, timeout = "30s" })
-    -- while pm2 restarts it, the app may refuse or still answer as v2
+    -- while pm2 restarts it, the app may refuse, still answer as v2, or
+    -- answer as v1 before its database and Redis clients are connected
     local h
-    wait_until("v1 answering", 15, function()
+    wait_until("v1 answering and healthy", 15, function()
       local ok, r = pcall(http, "GET", E.DRILL_APP_URL .. "/health")
       if ok and type(r.body) == "table" and r.body.version == "v1" then h = r end
-      return h
+      return h and h.body.status == "ok"
     end)
     assert.are.equal("ok", h.body.status)
     assert.are.equal(E.DRILL_APP_V1_SHA, h.body.commit)
