@@ -378,7 +378,7 @@ static int fs_write(lua_State *L) {
   size_t dlen = slash ? (size_t)(slash - target) + 1 : 0;
   size_t blen = tlen - dlen;
   if (blen > 200) blen = 200;   /* stay under NAME_MAX with the suffix */
-  /* "<dir>/.<base>.tmp-XXXXXXXX" next to the target */
+  /* "<dir>/.<base>.tmp-<8 random characters>" next to the target */
   memcpy(tmp, target, dlen);
   tmp[dlen] = '.';
   memcpy(tmp + dlen + 1, target + dlen, blen);
@@ -735,12 +735,14 @@ static int fs_tmpdir(lua_State *L) {
     if (strlen(prefix) != len)
       return luaL_error(L, "fs.tmpdir: prefix contains a NUL byte");
   }
+  /* mkdtemp(3) replaces the template's last six characters */
+  static const char template_tail[] = {'X', 'X', 'X', 'X', 'X', 'X', 0};
   char base[4096];
   size_t blen = sizeof base;
-  if (strchr(prefix, '/')) lua_pushfstring(L, "%sXXXXXX", prefix);
+  if (strchr(prefix, '/')) lua_pushfstring(L, "%s%s", prefix, template_tail);
   else {
     int r = uv_os_tmpdir(base, &blen);
-    lua_pushfstring(L, "%s/%sXXXXXX", r == 0 ? base : "/tmp", prefix);
+    lua_pushfstring(L, "%s/%s%s", r == 0 ? base : "/tmp", prefix, template_tail);
   }
   size_t n;
   const char *tpl = lua_tolstring(L, -1, &n);

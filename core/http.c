@@ -866,7 +866,7 @@ static int raise_file(lua_State *L, hreq *r, int err, const char *what,
   return lua_error(L);
 }
 
-/* "<dir>/.<base>.part-XXXXXXXX" next to the output file */
+/* "<dir>/.<base>.part-<8 random characters>" next to the output file */
 static int open_temp(hreq *r, const char *path) {
   size_t n = strlen(path);
   const char *slash = strrchr(path, '/');

@@ -13,8 +13,7 @@ local function pb() return lazy.playbook end
 
 local M = {}
 
-local EXIT = { ok = 0, failed = 1, usage = 2, undo_failed = 3, locked = 75,
-               interrupted = 130 }   -- the same as rbe.playbook's EXIT
+local EXIT = require("rbe.pbload").EXIT
 
 -- help texts live in rbe.help (loaded only when asked for)
 M.HELP = setmetatable({}, { __index = function(_, k) return require("rbe.help")[k] end })

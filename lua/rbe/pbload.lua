@@ -5,6 +5,11 @@ local rbe = require "rbe"
 
 local M = {}
 
+-- exit codes of the playbook commands (`rbe help exit-codes`); here so the
+-- CLI has them without loading the playbook engine
+M.EXIT = { ok = 0, failed = 1, usage = 2, undo_failed = 3, locked = 75,
+           interrupted = 130 }
+
 local function perror(msg)
   local e = rbe.error("playbook", msg)
   error(e, 0)

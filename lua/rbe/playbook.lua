@@ -24,8 +24,7 @@ local type, pairs, ipairs, error, tostring, setmetatable, getmetatable =
 local M = {}
 
 -- exit codes of the playbook commands (`rbe help exit-codes`)
-M.EXIT = { ok = 0, failed = 1, usage = 2, undo_failed = 3, locked = 75,
-           interrupted = 130 }
+M.EXIT = require("rbe.pbload").EXIT
 
 local NODE = {}      -- metatable of every node
 local PENDING = {}   -- metatable of `pb.step "name"` before its body

@@ -124,36 +124,36 @@ function M.render(run)
     add("")
   end
   add("## Remaining by hand", "\n")
-  local todo = {}
+  local by_hand = {}
   if run.undo_failed then
-    todo[#todo + 1] = ("- Undo of **%s** failed (%s): finish it by hand."):format(
+    by_hand[#by_hand + 1] = ("- Undo of **%s** failed (%s): finish it by hand."):format(
       run.undo_failed.step, run.undo_failed.error)
     for _, x in ipairs(rows(run)) do
       if x.status == "ok" then
-        todo[#todo + 1] = "- Still done, not undone: " .. x.name
+        by_hand[#by_hand + 1] = "- Still done, not undone: " .. x.name
       end
     end
   end
   if run.exit_code == 1 and not run.undo_failed then
     for _, x in ipairs(rows(run)) do
       if x.status == "ok" and x.kind ~= "gate" then
-        todo[#todo + 1] = "- Still in effect (it has no undo): " .. x.name
+        by_hand[#by_hand + 1] = "- Still in effect (it has no undo): " .. x.name
       end
     end
   end
   if run.exit_code == 130 then
-    todo[#todo + 1] = "- The run was interrupted: `rbe resume " .. run.run_id .. "` continues it."
+    by_hand[#by_hand + 1] = "- The run was interrupted: `rbe resume " .. run.run_id .. "` continues it."
   end
   for _, name in ipairs(run.tolerated) do
-    todo[#todo + 1] = "- Step " .. name .. " failed and was tolerated (on_failure = continue): check it."
+    by_hand[#by_hand + 1] = "- Step " .. name .. " failed and was tolerated (on_failure = continue): check it."
   end
   for _, x in ipairs(rows(run)) do
     if x.status == "not run" and run.exit_code ~= 0 then
-      todo[#todo + 1] = "- Not run: " .. x.name
+      by_hand[#by_hand + 1] = "- Not run: " .. x.name
     end
   end
-  if #todo == 0 then todo[1] = "- Nothing." end
-  for _, t in ipairs(todo) do add(t) end
+  if #by_hand == 0 then by_hand[1] = "- Nothing." end
+  for _, t in ipairs(by_hand) do add(t) end
   add("")
   return table.concat(b, "\n")
 end

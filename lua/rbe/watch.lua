@@ -13,7 +13,7 @@ local cjson = require "cjson"
 
 local M = {}
 
-local EXIT = { ok = 0, failed = 1, usage = 2, locked = 75, interrupted = 130 }
+local EXIT = require("rbe.pbload").EXIT
 
 M.HELP = [[
 usage: rbe watch FILE [options]
