@@ -167,6 +167,22 @@ function Tmux:wait_exit()
   return status
 end
 
+-- wait until the console has read `text` and its Enter: the line is
+-- echoed after the prompt and the cursor has moved below it. Ctrl-C is a
+-- signal, and the terminal flushes input the console has not read yet.
+function Tmux:accepted(text)
+  local want = "rbe> " .. text
+  local ok = pcall(wait_until, function()
+    local row = 0
+    local cy = tonumber(self:run("display-message", "-p", "#{cursor_y}").stdout)
+    for l in (self:screen() .. "\n"):gmatch("([^\n]*)\n") do
+      if l == want and cy and cy > row then return true end
+      row = row + 1
+    end
+  end, "the console to read the line")
+  if not ok then error(("%q was not accepted; the screen:\n%s"):format(text, self:screen()), 2) end
+end
+
 -- the last non-empty line of the screen
 function Tmux:last_line()
   local last
@@ -719,6 +735,7 @@ describe("#repl #tmux terminal sessions", function()
       t:expect("cancelled (Ctrl-C)")
       wait_until(function() return not pid_alive(pid) end, "the child to die")
       t:line("while true do end", true)
+      t:accepted("while true do end")
       rbe.sleep(0.2)
       t:keys("C-c")
       t:expect("cancelled (Ctrl-C)", 2)
@@ -759,6 +776,10 @@ describe("#repl #tmux terminal sessions", function()
     with_tmux(dir, { "RBE_HISTORY=" }, {}, function(t)
       t:expect("rbe>")
       t:type("abandoned")
+      -- Ctrl-C is a signal: the terminal flushes input not yet read, so
+      -- wait until the console has echoed the text before pressing it
+      wait_until(function() return t:last_line() == "rbe> abandoned" end,
+        "the typed text on the prompt line")
       t:keys("C-c")
       t:expect("rbe> abandoned^C")
       t:keys("C-c")
