@@ -8,6 +8,8 @@
 
 #include <lualib.h>
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -146,6 +148,37 @@ static int stat_mtime(const char *path, struct timespec *ts) {
   return 0;
 }
 
+/* one open and one read per module (luaL_loadfilex opens a binary chunk
+ * twice); the chunk keeps the source's name for tracebacks */
+static int load_bytecode(lua_State *L, const char *bc, const char *src) {
+  int fd = open(bc, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return luaL_error(L, "cannot open %s: %s", bc, strerror(errno));
+  struct stat st;
+  char *buf = NULL;
+  ssize_t got = -1;
+  if (fstat(fd, &st) == 0 && (buf = malloc((size_t)st.st_size + 1)) != NULL) {
+    size_t off = 0;
+    while (off < (size_t)st.st_size) {
+      ssize_t r = read(fd, buf + off, (size_t)st.st_size - off);
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) break;
+      off += (size_t)r;
+    }
+    got = (ssize_t)off;
+  }
+  int err = errno;
+  close(fd);
+  if (!buf || got != (ssize_t)st.st_size) {
+    free(buf);
+    return luaL_error(L, "cannot read %s: %s", bc, strerror(err ? err : EIO));
+  }
+  lua_pushfstring(L, "@%s", src);
+  int rc = luaL_loadbufferx(L, buf, (size_t)got, lua_tostring(L, -1), "b");
+  free(buf);
+  lua_remove(L, -2);
+  return rc;
+}
+
 static int bytecode_searcher(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   const char *root = lua_tostring(L, lua_upvalueindex(1));
@@ -167,7 +200,7 @@ static int bytecode_searcher(lua_State *L) {
         (ts.tv_sec > tb.tv_sec ||
          (ts.tv_sec == tb.tv_sec && ts.tv_nsec > tb.tv_nsec)))
       continue;                          /* edited since the build */
-    if (luaL_loadfilex(L, bc, "b") != LUA_OK) return lua_error(L);
+    if (load_bytecode(L, bc, src) != LUA_OK) return lua_error(L);
     lua_pushstring(L, src);
     return 2;
   }
