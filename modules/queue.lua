@@ -290,7 +290,7 @@ function Queue:detect()
   return st.layout, st.version
 end
 
--- q:wait_idle{timeout = "60s", poll = "200ms"} -> status once no job is
+-- q:wait_idle{timeout = "60s", poll = "50ms"} -> status once no job is
 -- active; raises `timeout` (ETIMEDOUT) with the last counts otherwise.
 function Queue:wait_idle(opts)
   opts = opts or {}
@@ -298,7 +298,7 @@ function Queue:wait_idle(opts)
   local limit = opts.timeout
   if limit == nil then limit = 60 end
   limit = limit and rbe.duration(limit)
-  local poll = rbe.duration(opts.poll or 0.2)
+  local poll = rbe.duration(opts.poll or 0.05)
   local t0 = rbe.now()
   while true do
     local st = self:status()

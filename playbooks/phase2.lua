@@ -522,7 +522,7 @@ return pb.playbook "phase 2: roll release 2.0.0 back to 1.4.0" {
         },
         pb.step "pm2: restart the app on the stable build" (pm2_restart(app_git)),
         pb.gate "verify: the stable release answers" {
-          when = app_git, every = "250ms", pass = 2, within = "1m",
+          when = app_git, every = "100ms", pass = 2, within = "1m",
           check = function(ctx)
             local want = expected_commit(ctx)
             local status, v = get_json(ctx.vars.app_url .. "/api/version")
