@@ -544,6 +544,42 @@ function PM2:_recorded_pid(name)
   return pid and pid > 0 and pid or nil
 end
 
+-- Restart through modules/service/pm2-restart.js: pm2's programmatic API,
+-- restart and describe in one Node start-up.  -> entries (jlist shape), or
+-- false when pm2 has no such process, or nil when the helper cannot be used
+-- (pm2 given through a wrapper, no pm2 package, no node): then the CLI.
+local PM2_HELPER = (package.rbe_root or ".") .. "/modules/service/pm2-restart.js"
+
+function PM2:_helper_restart(name, o)
+  local tool = self._pm2
+  local node = #tool == 1 and "node"
+    or (#tool == 2 and tool[1]:match("[^/]*$"):match("^node") and tool[1])
+  if self._no_helper or not node or type(name) ~= "string" or not fs.exists(PM2_HELPER) then
+    return nil
+  end
+  local ok, r = rbe.try(proc.run, { node, PM2_HELPER, tool[#tool], name,
+    o.update_env and "--update-env" or nil }, { env = self.env, timeout = self.timeout, check = false })
+  if not ok then
+    if task_error(r) then error(r, 0) end
+    self._no_helper = true
+    return nil
+  end
+  if r.code == 5 then self._no_helper = true return nil end
+  if r.code == 4 then return false end
+  if r.code ~= 0 then
+    error(serr(r.code, "pm2 restart %s failed (exit %d): %s", name, r.code,
+      last_lines(r.stderr ~= "" and r.stderr or r.stdout, 4)), 0)
+  end
+  local line
+  for l in r.stdout:gmatch("[^\n]+") do if l:sub(1, 1) == "[" then line = l end end
+  local okj, list = pcall(json.decode, line or "")
+  if not okj or type(list) ~= "table" then
+    error(serr("EBADMSG", "pm2 restart %s: no JSON list in the helper's output: %s", name,
+      last_lines(r.stdout, 2)), 0)
+  end
+  return list
+end
+
 -- p:restart(name, {update_env, wait = "30s"}) -> entry once online with a
 -- new pid.  The old pid comes from pm2's pid file when there is one (else
 -- from `pm2 jlist`); a name pm2 does not know is an ENOENT error.
@@ -554,13 +590,23 @@ function PM2:restart(name, o)
     local before = need(self, name, "restart")
     old = before.pid > 0 and before.pid or nil
   end
-  local ok, err = rbe.try(self._run, self, "restart", name, o.update_env and "--update-env" or nil)
-  if not ok then
-    if not task_error(err) and not self:status(name) then need(self, name, "restart") end
-    error(err, 0)
+  local list = self:_helper_restart(name, o)
+  if list == false then need(self, name, "restart") end
+  if list == nil then
+    local ok, err = rbe.try(self._run, self, "restart", name, o.update_env and "--update-env" or nil)
+    if not ok then
+      if not task_error(err) and not self:status(name) then need(self, name, "restart") end
+      error(err, 0)
+    end
   end
-  local after = self:wait_online(name, { wait = o.wait, old_pid = old })
+  local after
+  for _, p in ipairs(list or {}) do
+    local e = pm2_entry(p)
+    if e.status == "online" and e.pid > 0 and e.pid ~= old then after = e break end
+  end
+  after = after or self:wait_online(name, { wait = o.wait, old_pid = old })
   after.pid_before = old or 0
+  after.via = list and "api" or "cli"
   return after
 end
 

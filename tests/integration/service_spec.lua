@@ -217,12 +217,32 @@ http.createServer((q, r) => r.end('pid ' + process.pid)).listen(0, '127.0.0.1');
     assert.are.equal(st.pid, r.pid_before)
     assert.are_not.equal(st.pid, r.pid)
     assert.are.equal(1, r.restarts)
+    assert.are.equal("api", r.via)              -- restarted by the API helper
+    assert.is_nil(r.env)
+    local r2 = p:restart("app", { update_env = true })
+    assert.are.equal(r.pid, r2.pid_before)
+    assert.are.equal(2, r2.restarts)
+    assert.are.same(r2.pid, p:status("app").pid)
     assert.are.equal("stopped", p:stop("app").status)
     local again = p:start("app")
     assert.are.equal("online", again.status)
     local err = support.raises(p.restart, p, "nope")
     assert.are.equal("ENOENT", err.code)
     assert.truthy(tostring(err):find("no process named nope", 1, true))
+  end)
+
+  it("restarts through the CLI when pm2 comes through a wrapper", function()
+    local wrap = tmp .. "/pm2-wrapper"
+    fs.write(wrap, ("#!/bin/sh\nexec node %s \"$@\"\n"):format(proc.quote(PM2)), { mode = "0755" })
+    local w = service.pm2 { pm2 = wrap, home = home }
+    p:start(tmp .. "/app.js")
+    local st = p:wait_online("app")
+    local r = w:restart("app")
+    assert.are.equal("cli", r.via)              -- no pm2 package behind it
+    assert.are.equal(st.pid, r.pid_before)
+    assert.are_not.equal(st.pid, r.pid)
+    assert.are.equal(1, r.restarts)
+    assert.are.equal("ENOENT", support.raises(w.restart, w, "nope").code)
   end)
 
   it("pm2_stop_step: a later failure starts the app again", function()
