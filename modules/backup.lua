@@ -34,12 +34,7 @@ local M = {}
 M.EXT = { custom = ".dump", plain = ".sql", tar = ".tar", directory = ".dir" }
 local FORMAT_FLAG = { custom = "c", plain = "p", tar = "t", directory = "d" }
 
-local function berror(code, msg, fields)
-  local e = rbe.error("backup", msg, fields)
-  e.code = code
-  if e.retryable == nil then e.retryable = false end
-  return e
-end
+local berror = kit.error_for("backup")
 
 local check_fields = kit.check_fields
 

@@ -31,12 +31,7 @@ M.DEFAULT_BACKUP_MAX_BYTES = 256 * 1024 * 1024
 ---------------------------------------------------------------------------
 -- helpers
 
-local function cerror(code, msg, fields)
-  local e = rbe.error("cache", msg, fields)
-  e.code = code
-  if e.retryable == nil then e.retryable = false end
-  return e
-end
+local cerror = kit.error_for("cache")
 
 local check_fields = kit.check_fields
 

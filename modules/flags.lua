@@ -28,12 +28,7 @@ local M = {}
 
 M.BACKUP_SUFFIX = ".rbe-backup"
 
-local function ferror(code, msg, fields)
-  local e = rbe.error("flags", msg, fields)
-  e.code = code
-  if e.retryable == nil then e.retryable = false end
-  return e
-end
+local ferror = kit.error_for("flags")
 
 local check_fields = kit.check_fields
 

@@ -34,12 +34,7 @@ local M = {}
 
 M.DEFAULT_TABLE = "schema_migrations"
 
-local function merror(code, msg, fields)
-  local e = rbe.error("migrate", msg, fields)
-  e.code = code
-  if e.retryable == nil then e.retryable = false end
-  return e
-end
+local merror = kit.error_for("migrate")
 
 local check_fields = kit.check_fields
 

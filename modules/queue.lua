@@ -186,12 +186,7 @@ local KEY_TYPES = { "wait", "paused", "meta", "prioritized", "events", "delayed"
 ---------------------------------------------------------------------------
 -- helpers
 
-local function qerror(code, msg, fields)
-  local e = rbe.error("queue", msg, fields)
-  e.code = code
-  if e.retryable == nil then e.retryable = false end
-  return e
-end
+local qerror = kit.error_for("queue")
 
 local function check_fields(t, known, fname, level)
   for k in pairs(t) do

@@ -41,12 +41,8 @@ end
 
 local resolve = kit.resolve
 
-local function serr(code, fmt, ...)
-  local e = rbe.error("service", format(fmt, ...))
-  e.code = code
-  e.retryable = false
-  return e
-end
+local service_error = kit.error_for("service")
+local function serr(code, fmt, ...) return service_error(code, format(fmt, ...)) end
 
 local function task_error(err)
   return rbe.is_error(err) and (err.kind == "cancelled"
@@ -87,15 +83,7 @@ local STEP_FIELDS = { timeout = true, undo_timeout = true, retries = true, backo
   confirm = true, on_failure = true, description = true, when = true }
 
 local function step_base(o, known, fname)
-  if type(o) ~= "table" then error(fname .. ": options table expected", 3) end
-  for k in pairs(o) do
-    if not known[k] and not STEP_FIELDS[k] then
-      error(format("%s: unknown option '%s'", fname, tostring(k)), 3)
-    end
-  end
-  local spec = {}
-  for k in pairs(STEP_FIELDS) do spec[k] = o[k] end
-  return spec
+  return kit.base_spec(o, known, fname, STEP_FIELDS)
 end
 
 local function resolved(o, ctx, keys)
@@ -992,43 +980,30 @@ local function describe_ct(ct)
   return format("%s, %s", tostring(ct.status), tostring(ct.image))
 end
 
--- service.docker_stop_step{container, docker, host} (undo: start)
-function M.docker_stop_step(o)
-  local spec = step_base(o, DK_STEP, "service.docker_stop_step")
-  if o.container == nil then error("service.docker_stop_step: container is required", 2) end
+local function dk_step(verb, undo_verb, o, fname)
+  local spec = step_base(o, DK_STEP, fname)
+  if o.container == nil then error(fname .. ": container is required", 2) end
   spec.run = function(ctx)
     local d, name = dk_of(o, ctx), resolve(o.container, ctx)
-    local ct = d:stop(name)
+    local ct = d[verb](d, name)
     return { container = name, status = ct and ct.status }
   end
   spec.undo = function(ctx)
-    dk_of(o, ctx):start(resolve(o.container, ctx))
+    local d = dk_of(o, ctx)
+    d[undo_verb](d, resolve(o.container, ctx))
   end
   spec.plan = function(ctx)
     local d, name = dk_of(o, ctx), resolve(o.container, ctx)
-    return format("would stop container %s (now %s); undo starts it", name, describe_ct(d:inspect(name)))
+    return format("would %s container %s (now %s); undo %ss it", verb, name,
+      describe_ct(d:inspect(name)), undo_verb)
   end
   return spec
 end
 
--- service.docker_start_step{container, ...} (undo: stop)
-function M.docker_start_step(o)
-  local spec = step_base(o, DK_STEP, "service.docker_start_step")
-  if o.container == nil then error("service.docker_start_step: container is required", 2) end
-  spec.run = function(ctx)
-    local d, name = dk_of(o, ctx), resolve(o.container, ctx)
-    local ct = d:start(name)
-    return { container = name, status = ct and ct.status }
-  end
-  spec.undo = function(ctx)
-    dk_of(o, ctx):stop(resolve(o.container, ctx))
-  end
-  spec.plan = function(ctx)
-    local d, name = dk_of(o, ctx), resolve(o.container, ctx)
-    return format("would start container %s (now %s); undo stops it", name, describe_ct(d:inspect(name)))
-  end
-  return spec
-end
+-- service.docker_stop_step{container, docker, host} (undo: start),
+-- docker_start_step{container, ...} (undo: stop)
+function M.docker_stop_step(o) return dk_step("stop", "start", o, "service.docker_stop_step") end
+function M.docker_start_step(o) return dk_step("start", "stop", o, "service.docker_start_step") end
 
 -- service.docker_run_step{run = {image, name, ...}, docker, host} (undo:
 -- remove the container it started)

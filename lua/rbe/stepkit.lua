@@ -1,5 +1,6 @@
 -- rbe.stepkit: the small helpers the integration modules (modules/*.lua)
 -- share to take options and build ready-made playbook steps.
+local aux = require "rbe.aux"
 local type, pairs, error, tostring = type, pairs, error, tostring
 local format = string.format
 
@@ -9,6 +10,17 @@ local M = {}
 function M.resolve(v, ctx)
   if type(v) == "function" then return v(ctx) end
   return v
+end
+
+-- error_for(kind) -> function(code, msg, fields) -> an error object of
+-- that kind with `code`, not retryable unless fields say so
+function M.error_for(kind)
+  return function(code, msg, fields)
+    local e = aux.error(kind, msg, fields)
+    e.code = code
+    if e.retryable == nil then e.retryable = false end
+    return e
+  end
 end
 
 -- check_fields(t, known, fname[, level]) -> t (or {} for nil); raises at
