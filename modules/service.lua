@@ -793,7 +793,7 @@ end
 
 local function sd_step(verb, undo_verb, o, fname)
   local spec = step_base(o, SD_STEP, fname)
-  if o.unit == nil then error(fname .. ": unit is required", 3) end
+  if o.unit == nil then error(fname .. ": unit is required", 2) end
   spec.run = function(ctx)
     local s, unit = sd_of(o, ctx), resolve(o.unit, ctx)
     local st = s[verb](s, unit)
