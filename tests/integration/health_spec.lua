@@ -13,33 +13,23 @@ local fs = require "rbe.fs"
 local support = require "support"
 local health = require "health"
 
-local HERE = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
-local RECORDER = HERE .. "/../fixtures/recorder.js"
 local RBE = support.rbe_bin()
 
 local srv, base, tmp
 
-local function respond(rule)
-  http.post(base .. "/_respond", { json = rule })
-end
+local function respond(rule) srv:respond(rule) end
 
 setup(function()
-  for _, v in ipairs { "http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY" } do
-    rbe.setenv(v, nil)
-  end
-  srv = proc.spawn({ "node", RECORDER }, { stderr = "inherit" })
-  local line = rbe.timeout("20s", srv:lines())
-  base = "http://127.0.0.1:" .. json.decode(assert(line, "recorder printed no port")).http
+  srv = support.recorder()
+  base = srv.base
 end)
 
 teardown(function()
-  http.close_idle()
   if srv then srv:close() end
 end)
 
 before_each(function()
-  http.delete(base .. "/_requests")
-  http.delete(base .. "/_respond")
+  srv:reset()
   tmp = fs.tmpdir("rbe-health-")
 end)
 
